@@ -1,0 +1,1 @@
+"""vpmon's asyncio gateway and command-line entry point (a thin shell around ``verifier``)."""

@@ -1,0 +1,1 @@
+"""Speaker models: their description (ModelSpec), conversion to ONNX without torch, and provisioning."""

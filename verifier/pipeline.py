@@ -1,0 +1,131 @@
+"""The chain every recording goes through, offline and live:
+
+    decode → mono → resample to 16 kHz → level → VAD speech windows (0.5–3 s) → embeddings → combine
+
+``vpmon compare``, ``vpmon score`` and the benchmarks call these functions; the gateway feeds the same
+stages chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from verifier.audio import normalise_level, read_audio, resample
+from verifier.embedder import Embedder, l2_normalise
+from verifier.errors import AudioError
+from verifier.vad import SpeechWindow, segment
+
+SAMPLE_RATE = 16000
+Combine = Literal["average", "concatenate"]
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = 2
+    min_window: float = 0.5
+    max_window: float = 3.0
+    hangover_ms: int = 300
+    min_speech_ratio: float = 0.6
+
+
+@dataclass(frozen=True)
+class SpeechEmbedding:
+    """One side of a comparison: the combined embedding and how much speech went into it."""
+
+    embedding: np.ndarray
+    net_speech_seconds: float
+    windows: int
+    model_id: str
+    window_embeddings: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
+
+
+def load_speech(path: Path | str, channel: int | None = None) -> np.ndarray:
+    """A recording as 16 kHz mono float32, level-normalised (the VAD is level-sensitive)."""
+    audio = read_audio(Path(path), channel=channel)
+    samples = resample(audio.samples, audio.sample_rate, SAMPLE_RATE)
+    return normalise_level(samples)
+
+
+def speech_windows(samples: np.ndarray, vad: VadConfig = VadConfig()) -> list[SpeechWindow]:
+    return segment(
+        samples,
+        sample_rate=SAMPLE_RATE,
+        aggressiveness=vad.aggressiveness,
+        min_window=vad.min_window,
+        max_window=vad.max_window,
+        hangover_ms=vad.hangover_ms,
+        min_speech_ratio=vad.min_speech_ratio,
+    )
+
+
+def truncate_speech(
+    windows: list[SpeechWindow], seconds: float, min_window: float = 0.5
+) -> list[SpeechWindow]:
+    """The first ``seconds`` of net speech: whole windows, then a cut of the next one.
+
+    A remainder shorter than ``min_window`` is left out (the model cannot use it).
+    """
+    kept: list[SpeechWindow] = []
+    total = 0.0
+    for window in windows:
+        if total >= seconds - 1e-9:
+            break
+        missing = seconds - total
+        if window.speech_seconds <= missing + 1e-9:
+            kept.append(window)
+            total += window.speech_seconds
+            continue
+        duration = window.end - window.start
+        keep_seconds = duration * missing / window.speech_seconds  # speech is spread evenly enough
+        if keep_seconds >= min_window:
+            n = round(keep_seconds * SAMPLE_RATE)
+            kept.append(
+                SpeechWindow(window.samples[:n], window.start, window.start + n / SAMPLE_RATE, missing)
+            )
+            total += missing
+        break
+    return kept
+
+
+def combine_embeddings(embeddings: np.ndarray, speech_seconds: np.ndarray) -> np.ndarray:
+    """Evidence from several windows: their normalised embeddings, weighted by speech, averaged."""
+    weights = np.asarray(speech_seconds, dtype=np.float32)[:, None]
+    return l2_normalise((l2_normalise(embeddings) * weights).sum(axis=0))
+
+
+def embed_windows(
+    embedder: Embedder, windows: list[SpeechWindow], combine: Combine = "average"
+) -> SpeechEmbedding:
+    if not windows:
+        raise AudioError("no speech found: the recording is silent, too quiet or too short")
+    seconds = np.array([w.speech_seconds for w in windows], dtype=np.float32)
+    if combine == "concatenate":
+        joined = np.concatenate([w.samples for w in windows])
+        per_window = embedder.embed_batch([joined])
+        embedding = per_window[0]
+    else:
+        per_window = embedder.embed_batch([w.samples for w in windows])
+        embedding = combine_embeddings(per_window, seconds)
+    return SpeechEmbedding(embedding, float(seconds.sum()), len(windows), embedder.model_id, per_window)
+
+
+def embed_file(
+    embedder: Embedder,
+    path: Path | str,
+    *,
+    vad: VadConfig = VadConfig(),
+    max_speech_seconds: float | None = None,
+    combine: Combine = "average",
+    channel: int | None = None,
+) -> SpeechEmbedding:
+    """One recording → its speech embedding (optionally only its first ``max_speech_seconds``)."""
+    windows = speech_windows(load_speech(path, channel), vad)
+    if max_speech_seconds is not None:
+        windows = truncate_speech(windows, max_speech_seconds, vad.min_window)
+    if not windows:
+        raise AudioError(f"no speech found in {path}: it is silent, too quiet or too short")
+    return embed_windows(embedder, windows, combine)

@@ -1,0 +1,75 @@
+"""Scores and verdicts: cosine against a voiceprint, calibrated by how much speech was heard."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from verifier.calibration import Calibration
+from verifier.errors import CalibrationError
+
+
+class Decision(StrEnum):
+    MATCH = "MATCH"
+    MISMATCH = "MISMATCH"
+    UNKNOWN = "UNKNOWN"  # not enough speech to say
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    score: float  # cosine similarity in [-1, 1]
+    threshold: float  # the cosine at which the decision flips, for this much speech
+    llr: float | None  # calibrated log-likelihood ratio (natural log); None without a calibration
+    net_speech_seconds: float
+    model_id: str
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decision": self.decision.value}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Compares an embedding with a voiceprint and decides.
+
+    With a calibration the decision is ``llr ≥ llr_threshold`` (0 = the Bayes decision at the
+    calibration's prior); without one, a fixed cosine threshold must be given. Below
+    ``min_net_speech`` seconds the verdict is UNKNOWN whatever the score.
+    """
+
+    model_id: str
+    calibration: Calibration | None = None
+    llr_threshold: float = 0.0
+    fixed_threshold: float | None = None
+    min_net_speech: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.calibration is None and self.fixed_threshold is None:
+            raise CalibrationError(
+                f"model {self.model_id} has no calibration: run `vpmon calibrate TRIALS` or pass a threshold"
+            )
+
+    def threshold(self, net_speech_seconds: float) -> float:
+        if self.fixed_threshold is not None:
+            return self.fixed_threshold
+        assert self.calibration is not None
+        return float(self.calibration.threshold(net_speech_seconds, self.llr_threshold))
+
+    def verdict(self, voiceprint: np.ndarray, embedding: np.ndarray, net_speech_seconds: float) -> Verdict:
+        score = cosine(voiceprint, embedding)
+        threshold = self.threshold(net_speech_seconds)
+        llr = float(self.calibration.llr(score, net_speech_seconds)) if self.calibration else None
+        if net_speech_seconds < self.min_net_speech:
+            decision = Decision.UNKNOWN
+            reason = f"only {net_speech_seconds:.2f} s of speech; {self.min_net_speech:.2f} s needed"
+        else:
+            decision = Decision.MATCH if score >= threshold else Decision.MISMATCH
+            reason = ""
+        return Verdict(decision, score, threshold, llr, net_speech_seconds, self.model_id, reason)
