@@ -41,15 +41,16 @@ def apt_lists_ready() -> bool:
     return probe.returncode == 0
 
 
-def devset_dir(mode: str) -> Path:
-    """The built dev set for ``mode`` (building it first if needed)."""
+def devset_dir(mode: str, seed: int = SEED) -> Path:
+    """The built dev set for ``mode`` (building it first if needed). Other seeds draw other utterances
+    and degradations of the same speakers: the built-in calibration is fitted on seed 1, evaluated on 0."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     root = default_home() / "devset"
-    out = root / mode
+    out = root / (mode if seed == SEED else f"{mode}-seed{seed}")
     if (out / "trials.txt").is_file():
         return out
-    command = [sys.executable, str(builder_path()), str(out), "--mode", mode, "--seed", str(SEED)]
+    command = [sys.executable, str(builder_path()), str(out), "--mode", mode, "--seed", str(seed)]
     command += ["--cache", str(root / "debs")]
     if not apt_lists_ready():
         command.append("--apt-update")
@@ -75,11 +76,12 @@ def main() -> None:
     parser.add_argument(
         "--demo-pair", action="store_true", help="print a same-speaker pair and another voice"
     )
+    parser.add_argument("--seed", type=int, default=SEED, help="which draw of utterances and degradations")
     args = parser.parse_args()
     if args.demo_pair:
         print(*demo_pair(args.mode))
     else:
-        print(devset_dir(args.mode))
+        print(devset_dir(args.mode, args.seed))
 
 
 if __name__ == "__main__":

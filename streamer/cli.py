@@ -41,8 +41,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="List, fetch and inspect speaker models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Model id, alias (campplus, ge2e) or .toml spec.")
@@ -153,7 +153,11 @@ def compare(
 
 
 def _side_dict(path: Path, side: SpeechEmbedding) -> dict[str, Any]:
-    return {"path": str(path), "net_speech_seconds": side.net_speech_seconds, "windows": side.windows}
+    return {
+        "path": str(path),
+        "net_speech_seconds": round(side.net_speech_seconds, 2),
+        "windows": side.windows,
+    }
 
 
 @app.command()
@@ -251,6 +255,9 @@ def calibrate(
     model: ModelOption = DEFAULT_MODEL,
     durations: DurationsOption = "full,5,3,2,1,0.5",
     save: Annotated[bool, typer.Option(help="Store the calibration in the model card.")] = True,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write it to a JSON file.")
+    ] = None,
     threads: ThreadsOption = 1,
 ) -> None:
     """Fit the duration-aware score calibration on a trials list and store it in the model card."""
@@ -258,12 +265,16 @@ def calibrate(
     scores = np.concatenate([r.scores for r in scored])
     seconds = np.concatenate([r.seconds for r in scored])
     labels = np.concatenate([r.labels for r in scored])
-    calibration = fit_calibration(scores, seconds, labels, trained_on=f"{trials_file} ({durations})")
+    trained_on = f"{trials_file.parent.name}/{trials_file.name} at test durations {durations}"
+    calibration = fit_calibration(scores, seconds, labels, trained_on=trained_on)
     out.print_json(json.dumps(calibration.to_dict()))
     for duration in (0.5, 1, 3, 10):
         out.print(
             f"threshold at {duration:g} s of speech: {calibration.threshold(duration):.3f}", highlight=False
         )
+    if output is not None:
+        output.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
+        err.print(f"wrote {output}")
     if save:
         path = provision.write_calibration(embedder.spec, calibration)
         err.print(f"saved in {path}")

@@ -52,12 +52,21 @@ def read_audio(path: str | Path, channel: int | None = None) -> Audio:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path} (check the path)")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path} is empty (0 bytes): record or export it again")
     try:
         frames, sample_rate = sf.read(path, dtype="float32", always_2d=True)
     except sf.SoundFileError as error:
+        reason = str(error).removeprefix(f"Error opening {str(path)!r}: ")
         raise AudioError(
-            f"cannot decode {path}: {error} (use WAV, FLAC or OGG, e.g. convert with sox or ffmpeg)"
-        ) from error
+            f"cannot decode {path}: {reason} (use WAV, FLAC or OGG, e.g. convert with sox or ffmpeg)"
+        ) from None
+    except (TypeError, ValueError, RuntimeError):
+        # soundfile asks for a sample rate when the extension says headerless audio (.raw, .pcm)
+        raise AudioError(
+            f"cannot decode {path}: headerless audio has no sample rate; wrap it in a WAV header "
+            "(e.g. sox -t raw -r 8000 -e signed -b 16 -c 1 in.raw out.wav)"
+        ) from None
     if frames.shape[0] == 0:
         raise AudioError(f"{path} contains no audio samples (record or export it again)")
     if not np.isfinite(frames).all():

@@ -2,7 +2,7 @@
 
 The models have no padding mask (CAM++ pools statistics over every frame it is given), so a batch may
 only hold inputs of one length. Windows are therefore cropped to a multiple of ``bucket_frames``
-(10 frames = 0.1 s by default, at most 90 ms lost) and windows of equal length run together.
+(10 frames = 0.1 s by default, at most 90 ms of audio lost) and windows of equal length run together.
 GE2E-style models take fixed-length partials, which batch trivially.
 
 onnxruntime releases the GIL while it runs, so callers may use an Embedder from worker threads.
@@ -88,11 +88,13 @@ class Embedder:
     def _model_inputs(self, samples: np.ndarray) -> list[np.ndarray]:
         """One window → the feature matrices the network sees (one, or several partials)."""
         rules = self.spec.windows
-        if rules.partial_frames is None:
-            features = compute_features(samples, self.spec.frontend, self.spec.sample_rate)
-            keep = max(self.bucket_frames, len(features) - len(features) % self.bucket_frames)
-            return [features[:keep]]
         hop = int(self.spec.sample_rate * self.spec.frontend.frame_shift_ms / 1000)
+        if rules.partial_frames is None:
+            # Crop the audio, not the features, so that mean normalisation sees exactly what the model does.
+            width = int(self.spec.sample_rate * self.spec.frontend.frame_length_ms / 1000)
+            frames = 1 + (len(samples) - width) // hop
+            keep = max(self.bucket_frames, frames - frames % self.bucket_frames)
+            return [compute_features(samples[: width + (keep - 1) * hop], self.spec.frontend)]
         n_frames = len(samples) // hop + 1
         step = max(1, round(self.spec.frontend.frames_per_second / rules.partial_rate))
         slices = partial_slices(n_frames, rules.partial_frames, step, rules.min_coverage)

@@ -25,7 +25,7 @@ Combine = Literal["average", "concatenate"]
 
 @dataclass(frozen=True)
 class VadConfig:
-    aggressiveness: int = 2
+    aggressiveness: int = 1  # 2 and 3 miss quiet speech on noisy phone lines: 7.5 vs 7.3 % EER (README)
     min_window: float = 0.5
     max_window: float = 3.0
     hangover_ms: int = 300
@@ -65,28 +65,27 @@ def speech_windows(samples: np.ndarray, vad: VadConfig = VadConfig()) -> list[Sp
 def truncate_speech(
     windows: list[SpeechWindow], seconds: float, min_window: float = 0.5
 ) -> list[SpeechWindow]:
-    """The first ``seconds`` of net speech: whole windows, then a cut of the next one.
+    """The first ``seconds`` of net speech: whole windows, then the start of the next one.
 
-    A remainder shorter than ``min_window`` is left out (the model cannot use it).
+    A cut is never shorter than ``min_window`` (the model's minimum), so a little more speech than asked
+    may be kept; ``speech_seconds`` of the cut window says how much.
     """
     kept: list[SpeechWindow] = []
     total = 0.0
     for window in windows:
-        if total >= seconds - 1e-9:
-            break
         missing = seconds - total
+        if missing <= 1e-9:
+            break
         if window.speech_seconds <= missing + 1e-9:
             kept.append(window)
             total += window.speech_seconds
             continue
         duration = window.end - window.start
-        keep_seconds = duration * missing / window.speech_seconds  # speech is spread evenly enough
-        if keep_seconds >= min_window:
-            n = round(keep_seconds * SAMPLE_RATE)
-            kept.append(
-                SpeechWindow(window.samples[:n], window.start, window.start + n / SAMPLE_RATE, missing)
-            )
-            total += missing
+        # Speech is spread evenly enough inside a window to cut it in proportion.
+        keep_seconds = min(duration, max(min_window, duration * missing / window.speech_seconds))
+        n = round(keep_seconds * SAMPLE_RATE)
+        speech = window.speech_seconds * keep_seconds / duration
+        kept.append(SpeechWindow(window.samples[:n], window.start, window.start + n / SAMPLE_RATE, speech))
         break
     return kept
 

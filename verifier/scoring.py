@@ -28,7 +28,15 @@ class Verdict:
     reason: str = ""
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "decision": self.decision.value}
+        """JSON-ready, rounded to what the numbers can honestly claim."""
+        return {
+            **asdict(self),
+            "decision": self.decision.value,
+            "score": round(self.score, 4),
+            "threshold": round(self.threshold, 4),
+            "llr": None if self.llr is None else round(self.llr, 3),
+            "net_speech_seconds": round(self.net_speech_seconds, 2),
+        }
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
