@@ -218,6 +218,9 @@ def score(
     model: ModelOption = DEFAULT_MODEL,
     durations: DurationsOption = "full,3,1,0.5",
     p_target: Annotated[float, typer.Option(help="Target prior for minDCF.")] = 0.01,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the JSON to a file.")
+    ] = None,
     threads: ThreadsOption = 1,
     as_json: JsonOption = False,
 ) -> None:
@@ -227,10 +230,13 @@ def score(
     for result in scored:
         errors = detection_errors(result.scores, result.labels, p_target=p_target)
         rows.append({"duration": duration_label(result.duration), **asdict(errors)})
+    report = json.dumps(
+        {"model_id": embedder.model_id, "trials": str(trials_file), "results": rows}, indent=2
+    )
+    if output is not None:
+        output.write_text(report + "\n")
     if as_json:
-        out.print_json(
-            json.dumps({"model_id": embedder.model_id, "trials": str(trials_file), "results": rows})
-        )
+        out.print_json(report)
         return
     table = Table(title=f"{embedder.model_id} on {trials_file}")
     for column in (

@@ -98,9 +98,11 @@ def test_score_and_calibrate_a_small_trials_list(telephone_devset: Path, tmp_pat
     trials = telephone_devset / "trials-small-test.txt"  # relative paths resolve against its folder
     trials.write_text("\n".join(targets + nontargets) + "\n")
     try:
-        result = vpmon("score", trials, "--durations", "full,1", "--json")
+        written = tmp_path / "score.json"
+        result = vpmon("score", trials, "--durations", "full,1", "--json", "--output", written)
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
+        assert json.loads(written.read_text()) == report
         assert [row["duration"] for row in report["results"]] == ["full", "1 s"]
         for row in report["results"]:
             assert row["targets"] == 12 and row["nontargets"] == 24
