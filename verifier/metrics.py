@@ -60,3 +60,17 @@ def detection_errors(scores, labels, p_target: float = 0.01) -> DetectionErrors:
         targets=n_target,
         nontargets=len(labels) - n_target,
     )
+
+
+def cllr(llrs, labels) -> float:
+    """Log-likelihood-ratio cost in bits (Brümmer & du Preez 2006): 0 is perfect, 1 is an uninformative
+    system that always says llr = 0; above 1 the scores mislead. ``llrs`` are natural-log ratios."""
+    llrs = np.asarray(llrs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if llrs.shape != labels.shape or llrs.ndim != 1:
+        raise ValueError("llrs and labels must be 1-D arrays of the same length")
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise ValueError("need both target (1) and non-target (0) trials")
+    target_cost = np.logaddexp(0.0, -llrs[labels == 1]).mean()  # ln(1 + e^-llr)
+    nontarget_cost = np.logaddexp(0.0, llrs[labels == 0]).mean()
+    return float((target_cost + nontarget_cost) / (2 * np.log(2)))
