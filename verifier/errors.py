@@ -15,3 +15,7 @@ class ModelError(VpmonError):
 
 class CalibrationError(VpmonError):
     """A trials list or calibration could not be used."""
+
+
+class StoreError(VpmonError):
+    """The voiceprint store or its Redis server refused, failed, or holds data that does not fit."""
