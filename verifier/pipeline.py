@@ -43,11 +43,15 @@ class SpeechEmbedding:
     window_embeddings: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
+def prepare_speech(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Decoded mono audio → 16 kHz float32, level-normalised (the VAD is level-sensitive)."""
+    return normalise_level(resample(samples, sample_rate, SAMPLE_RATE))
+
+
 def load_speech(path: Path | str, channel: int | None = None) -> np.ndarray:
-    """A recording as 16 kHz mono float32, level-normalised (the VAD is level-sensitive)."""
+    """A recording as 16 kHz mono float32, level-normalised."""
     audio = read_audio(Path(path), channel=channel)
-    samples = resample(audio.samples, audio.sample_rate, SAMPLE_RATE)
-    return normalise_level(samples)
+    return prepare_speech(audio.samples, audio.sample_rate)
 
 
 def speech_windows(samples: np.ndarray, vad: VadConfig = VadConfig()) -> list[SpeechWindow]:
