@@ -5,24 +5,22 @@ Errors a user can act on (``VpmonError``) print one line and exit with status 2,
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from streamer.cli_common import JsonOption, err, out, progress_bar, user_errors
+from streamer.cli_service import keys_app, redis_app, service_app, voiceprints_app
 from verifier.calibration import Calibration, fit_calibration, packaged_calibration
 from verifier.embedder import Embedder
-from verifier.errors import ModelError, VpmonError
+from verifier.errors import ModelError
 from verifier.metrics import detection_errors
 from verifier.models import provision
 from verifier.models.registry import BUILTIN, DEFAULT_MODEL, get_spec
@@ -40,38 +38,14 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, fetch and inspect speaker models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+app.add_typer(voiceprints_app, name="voiceprints")
+app.add_typer(keys_app, name="keys")
+app.add_typer(redis_app, name="redis")
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Model id, alias (campplus, ge2e) or .toml spec.")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ThreadsOption = Annotated[int, typer.Option(help="onnxruntime threads.", min=1)]
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one line on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except VpmonError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-@contextmanager
-def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)``. Quiet when stderr is not a terminal."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def model_progress(spec: ModelSpec) -> provision.Progress:
@@ -327,6 +301,9 @@ def models_info(model: Annotated[str, typer.Argument(help="Model id or alias.")]
         raise ModelError(f"model {spec.id} is not fetched yet: run `vpmon models fetch {spec.id}`")
     out.print_json(card.to_json())
 
+
+# The voiceprint service and server commands (streamer/cli_service.py), listed after the ones above.
+app.registered_commands += service_app.registered_commands
 
 if __name__ == "__main__":
     app()

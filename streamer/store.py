@@ -51,7 +51,7 @@ import numpy as np
 import redis
 from redis.commands.helpers import get_protocol_version
 
-from verifier.errors import StoreError
+from verifier.errors import InvalidValueError, ModelMismatchError, StoreError
 
 Backend = Literal["auto", "vset", "ft"]
 Quantization = Literal["NOQUANT", "Q8", "BIN"]
@@ -227,25 +227,25 @@ def open_store(
 # --- validation and shared encoding ------------------------------------------------------------------
 def check_tenant(tenant: str) -> str:
     if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant):
-        raise StoreError(f"invalid tenant id {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        raise InvalidValueError(f"invalid tenant id {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     return tenant
 
 
 def check_speaker(speaker_id: str) -> str:
     if not isinstance(speaker_id, str) or not SPEAKER_RE.fullmatch(speaker_id):
-        raise StoreError(f"invalid speaker id {speaker_id!r}: use 1-128 of A-Z a-z 0-9 _ . @ : + -")
+        raise InvalidValueError(f"invalid speaker id {speaker_id!r}: use 1-128 of A-Z a-z 0-9 _ . @ : + -")
     return speaker_id
 
 
 def check_model(model_id: str) -> str:
     if not isinstance(model_id, str) or not MODEL_RE.fullmatch(model_id):
-        raise StoreError(f"invalid model id {model_id!r}: use 1-128 of A-Z a-z 0-9 _ . @ : / + -")
+        raise InvalidValueError(f"invalid model id {model_id!r}: use 1-128 of A-Z a-z 0-9 _ . @ : / + -")
     return model_id
 
 
 def check_label(kind: str, value: str) -> str:
     if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
-        raise StoreError(
+        raise InvalidValueError(
             f"invalid {kind} {value!r}: use 1-64 letters, digits, spaces (not at the ends) and _ . : / @ + -"
         )
     return value
@@ -306,12 +306,12 @@ def _hit(attrs: Mapping[str, Any], score: float) -> SearchHit:
 
 def _check_page(offset: int, limit: int) -> None:
     if offset < 0 or limit < 1:
-        raise StoreError(f"invalid page offset={offset} limit={limit}: offset ≥ 0 and limit ≥ 1")
+        raise InvalidValueError(f"invalid page offset={offset} limit={limit}: offset ≥ 0 and limit ≥ 1")
 
 
 def _check_k(k: int) -> None:
     if not 1 <= k <= 1000:
-        raise StoreError(f"invalid k={k}: ask for 1 to 1000 nearest voiceprints")
+        raise InvalidValueError(f"invalid k={k}: ask for 1 to 1000 nearest voiceprints")
 
 
 def _batches(items: Iterable[Voiceprint], size: int) -> Iterator[list[Voiceprint]]:
@@ -338,13 +338,13 @@ class _TenantModel:
         if stored is None:
             return
         if stored[0] != model_id:
-            raise StoreError(
+            raise ModelMismatchError(
                 f"tenant {tenant!r} holds voiceprints of model {stored[0]!r}, not {model_id!r}: "
                 f"scores across models mean nothing. Use model {stored[0]!r}, or re-embed the tenant "
                 "(vpmon reembed) first"
             )
         if stored[1] != dim:
-            raise StoreError(
+            raise ModelMismatchError(
                 f"tenant {tenant!r} holds {stored[1]}-d voiceprints of model {model_id!r}, "
                 f"this vector has {dim} dimensions: check the model spec"
             )

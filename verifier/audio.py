@@ -4,6 +4,7 @@ Everything downstream works on float32 mono samples in [-1, 1]; this module is w
 Conversions between float and 16-bit use the full-scale convention ``int16 = float * 32768``.
 """
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from verifier.errors import AudioError
+from verifier.errors import AudioError, UnsupportedAudioError
 
 PCM16_SCALE = 32768.0
 TARGET_RATE = 16000
@@ -54,26 +55,44 @@ def read_audio(path: str | Path, channel: int | None = None) -> Audio:
         raise AudioError(f"audio file not found: {path} (check the path)")
     if path.stat().st_size == 0:
         raise AudioError(f"{path} is empty (0 bytes): record or export it again")
+    return _decode(path, str(path), channel)
+
+
+def read_audio_bytes(data: bytes, name: str = "upload", channel: int | None = None) -> Audio:
+    """``read_audio`` for a file's contents in memory (an upload); ``name`` is used in messages."""
+    if not data:
+        raise AudioError(f"{name} is empty (0 bytes): record or export it again")
+    return _decode(io.BytesIO(data), name, channel)
+
+
+def _decode(source: Path | io.BytesIO, name: str, channel: int | None) -> Audio:
     try:
-        frames, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+        frames, sample_rate = sf.read(source, dtype="float32", always_2d=True)
     except sf.SoundFileError as error:
-        reason = str(error).removeprefix(f"Error opening {str(path)!r}: ")
-        raise AudioError(
-            f"cannot decode {path}: {reason} (use WAV, FLAC or OGG, e.g. convert with sox or ffmpeg)"
+        reason = str(error).removeprefix(f"Error opening {str(source)!r}: ")
+        raise UnsupportedAudioError(
+            f"cannot decode {name}: {reason} (use WAV, FLAC or OGG, e.g. convert with sox or ffmpeg)"
         ) from None
     except (TypeError, ValueError, RuntimeError):
         # soundfile asks for a sample rate when the extension says headerless audio (.raw, .pcm)
-        raise AudioError(
-            f"cannot decode {path}: headerless audio has no sample rate; wrap it in a WAV header "
+        raise UnsupportedAudioError(
+            f"cannot decode {name}: headerless audio has no sample rate; wrap it in a WAV header "
             "(e.g. sox -t raw -r 8000 -e signed -b 16 -c 1 in.raw out.wav)"
         ) from None
     if frames.shape[0] == 0:
-        raise AudioError(f"{path} contains no audio samples (record or export it again)")
+        raise AudioError(f"{name} contains no audio samples (record or export it again)")
     if not np.isfinite(frames).all():
-        raise AudioError(f"{path} contains NaN or infinite samples (re-export it as 16-bit PCM)")
+        raise AudioError(f"{name} contains NaN or infinite samples (re-export it as 16-bit PCM)")
     samples = select_channel(frames, channel)
     # Float files may exceed full scale; clip as an integer format would have, so [-1, 1] holds.
     return Audio(samples=np.clip(samples, -1.0, 1.0), sample_rate=int(sample_rate))
+
+
+def encode_flac(audio: Audio) -> bytes:
+    """Lossless 16-bit FLAC of mono audio: how retained enrolment audio is kept (about half of PCM)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, to_pcm16(audio.samples), audio.sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def select_channel(frames: np.ndarray, channel: int | None) -> np.ndarray:

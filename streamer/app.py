@@ -1,0 +1,144 @@
+"""The vpmon server: one FastAPI app on uvicorn (websockets' sans-I/O implementation for websockets),
+one port for the REST API and, as later issues add them, live call audio, alerts and the supervisor page.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from streamer import problems
+from streamer.api import router
+from streamer.archive import AudioArchive, TenantSettingsStore
+from streamer.auth import KeyStore
+from streamer.redis_server import embedded_url
+from streamer.service import AudioLimits, VoiceprintService
+from streamer.settings import Settings
+from streamer.state import AppState
+from streamer.store import connect, open_store
+from verifier.calibration import Calibration, packaged_calibration
+from verifier.embedder import Embedder
+from verifier.errors import CalibrationError
+from verifier.models import provision
+from verifier.scoring import Scorer
+
+log = logging.getLogger("vpmon.server")
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The configured Redis, or the embedded one (started if it is not running)."""
+    return connect(settings.redis_url_value() or embedded_url())
+
+
+def build_service(settings: Settings, client: redis.Redis) -> VoiceprintService:
+    embedder = Embedder.load(settings.model, threads=settings.embed_threads)
+    card = provision.read_card(embedder.spec)
+    calibration = Calibration.from_dict(card.calibration) if card and card.calibration else None
+    calibration = calibration or packaged_calibration(embedder.model_id)
+    if calibration is None:
+        raise CalibrationError(
+            f"model {embedder.model_id} has no calibration: "
+            f"run `vpmon calibrate TRIALS --model {settings.model}`"
+        )
+    scorer = Scorer(embedder.model_id, calibration, min_net_speech=settings.min_net_speech)
+    store = open_store(client, settings.store_backend, quantization=settings.store_quantization)
+    limits = AudioLimits(settings.max_audio_seconds, settings.min_sample_rate, settings.max_sample_rate)
+    return VoiceprintService(
+        store, embedder, scorer, AudioArchive(client), TenantSettingsStore(client), limits=limits
+    )
+
+
+class BodySizeLimit:
+    """413 for request bodies over ``max_bytes``: by Content-Length before reading, and by counting
+    for chunked bodies, so a huge upload never sits in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problems.problem(
+            413, "too-large", "Request too large",
+            f"the request body is over the {self.max_bytes} bytes this server accepts "
+            "(VPMON_MAX_UPLOAD_BYTES); send shorter or compressed (FLAC) recordings",
+        )  # fmt: skip
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None, client: redis.Redis | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis_conn = client or redis_client(settings)
+        service = build_service(settings, redis_conn)
+        app.state.vpmon = AppState(settings, service, KeyStore(redis_conn))
+        log.info("serving model %s, store %s", service.model_id, service.store.backend)
+        yield
+        if client is None:
+            redis_conn.close()
+
+    app = FastAPI(
+        title="vpmon",
+        summary="Real-time voiceprint monitor for call centres: voiceprints, 1:1 and 1:N, live calls.",
+        version="0.1.0",
+        lifespan=lifespan,
+        # The schema is served by a route that needs a key, like every other; the interactive docs
+        # pages are off: they load their scripts from a CDN, which an offline site cannot reach.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    problems.install(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
+    return app
+
+
+def serve(settings: Settings, **uvicorn_options: Any) -> None:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        log_level="info",
+        proxy_headers=False,
+        server_header=False,
+        **uvicorn_options,
+    )
+    uvicorn.Server(config).run()

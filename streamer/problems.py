@@ -1,0 +1,119 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``).
+
+Every error a client can get has a stable ``type`` URI (``urn:vpmon:problem:<slug>``), a ``title`` per
+type, a ``detail`` that says what went wrong and what to do, and the HTTP ``status``. Enrolment
+quality-gate refusals add ``reason``, ``recording``, ``measured`` and ``limit``; validation errors add
+``errors``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from verifier.errors import (
+    AudioError,
+    AudioLimitError,
+    ConflictError,
+    InvalidValueError,
+    ModelMismatchError,
+    NotFoundError,
+    StoreError,
+    UnsupportedAudioError,
+    VpmonError,
+)
+
+log = logging.getLogger("vpmon.api")
+
+PROBLEM_JSON = "application/problem+json"
+
+# Most specific class first: the first match decides.
+_ERRORS: list[tuple[type[Exception], int, str, str]] = [
+    (UnsupportedAudioError, 415, "unsupported-audio", "Audio format not supported"),
+    (AudioLimitError, 422, "audio-limit", "Audio outside the accepted limits"),
+    (AudioError, 422, "unusable-audio", "Audio not usable"),
+    (InvalidValueError, 422, "invalid-value", "Invalid value"),
+    (ModelMismatchError, 409, "model-mismatch", "Voiceprint made by another model"),
+    (ConflictError, 409, "conflict", "Conflict with the stored state"),
+    (NotFoundError, 404, "not-found", "Not found"),
+    (StoreError, 503, "store-unavailable", "Voiceprint store unavailable"),
+    (VpmonError, 500, "server-error", "Server error"),
+]
+
+_HTTP_TITLES = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Missing or invalid API key"),
+    403: ("forbidden", "Not allowed for this key"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("too-large", "Request too large"),
+    429: ("too-many-requests", "Too many requests"),
+}
+
+
+def problem(
+    status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: object
+) -> JSONResponse:
+    body = {"type": f"urn:vpmon:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _vpmon_error(request: Request, exc: Exception) -> JSONResponse:
+    for cls, status, slug, title in _ERRORS:
+        if isinstance(exc, cls):
+            extra = {}
+            for name in ("reason", "recording", "measured", "limit"):
+                if getattr(exc, name, None) is not None:
+                    extra[name] = getattr(exc, name)
+            if status >= 500:
+                log.error("%s %s failed: %s", request.method, request.url.path, exc)
+            return problem(status, slug, title, str(exc), **extra)
+    raise AssertionError("VpmonError is the last entry")
+
+
+def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    loading = isinstance(exc, redis.BusyLoadingError)
+    detail = (
+        "Redis is loading its data after a restart; retry in a few seconds"
+        if loading
+        else "the voiceprint store (Redis) cannot be reached; retry later, and check VPMON_REDIS_URL "
+        "or `vpmon redis status`"
+    )
+    return problem(503, "store-unavailable", "Voiceprint store unavailable", detail, {"Retry-After": "5"})
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    slug, title = _HTTP_TITLES.get(exc.status_code, ("http-error", "HTTP error"))
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return problem(exc.status_code, slug, title, detail, dict(exc.headers or {}))
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
+        for error in exc.errors()
+    ]
+    where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5])
+    detail = f"the request is not valid: {where}"
+    return problem(422, "invalid-request", "Invalid request", detail, errors=errors)
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s crashed", request.method, request.url.path)
+    return problem(500, "server-error", "Server error", "an unexpected error; the server log has the details")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(VpmonError, _vpmon_error)
+    app.add_exception_handler(redis.ConnectionError, _redis_error)
+    app.add_exception_handler(redis.TimeoutError, _redis_error)
+    app.add_exception_handler(redis.BusyLoadingError, _redis_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,101 @@
+"""Settings of the vpmon server and CLI: ``VPMON_*`` environment variables, then an optional TOML file.
+
+The TOML file is ``$VPMON_CONFIG`` if set, else ``<vpmon home>/vpmon.toml`` if it exists; keys are the
+field names below without the prefix (``redis_url = "redis://…"``). Environment variables win over the
+file, and explicit arguments (the CLI's options) win over both. ``vpmon config`` prints the result,
+with secrets masked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from verifier.models.provision import default_home
+from verifier.models.registry import DEFAULT_MODEL
+
+MiB = 1024 * 1024
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("VPMON_CONFIG") or default_home() / "vpmon.toml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPMON_", extra="forbid", validate_default=True)
+
+    # --- where things are ---------------------------------------------------------------------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis 8 (or Redis Stack) URL, e.g. redis://:password@host:6379/0. "
+        "Unset: vpmon runs its own embedded redis-server under the vpmon home.",
+    )
+    store_backend: Literal["auto", "vset", "ft"] = Field(
+        "auto", description="Voiceprint index: vector sets (vset), the query engine (ft), or auto."
+    )
+    store_quantization: Literal["NOQUANT", "Q8"] = Field(
+        "NOQUANT", description="Vector-set quantisation (NOQUANT keeps scores exact; see streamer/store.py)."
+    )
+    model: str = Field(DEFAULT_MODEL, description="Speaker model id, alias or .toml spec file.")
+
+    # --- the server ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port the server listens on.")
+    embed_threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per inference.")
+    embed_workers: int = Field(2, ge=1, le=64, description="Uploads embedded at the same time.")
+
+    # --- limits on uploads --------------------------------------------------------------------------
+    max_upload_bytes: int = Field(25 * MiB, ge=1024, description="Largest request body accepted.")
+    max_audio_seconds: float = Field(300.0, gt=0, description="Longest recording accepted, per file.")
+    max_files: int = Field(10, ge=1, le=100, description="Most recordings in one enrolment.")
+    min_sample_rate: int = Field(8000, ge=1000, description="Lowest sample rate accepted (Hz).")
+    max_sample_rate: int = Field(48000, le=384000, description="Highest sample rate accepted (Hz).")
+
+    # --- decisions ----------------------------------------------------------------------------------
+    min_net_speech: float = Field(
+        1.0, gt=0, description="Net speech (s) a recording needs before 1:1 verification decides."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = config_file()
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if path.is_file():
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+        return sources
+
+    def redis_url_value(self) -> str | None:
+        return self.redis_url.get_secret_value() if self.redis_url is not None else None
+
+    def masked(self) -> dict[str, object]:
+        """For printing: every setting, the password in the Redis URL replaced by ***."""
+        values = self.model_dump()
+        url = self.redis_url_value()
+        if url is not None:
+            values["redis_url"] = _mask_password(url)
+        return values
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
