@@ -1,0 +1,158 @@
+"""The live half of the pipeline: one call's encoded agent audio in, speech windows out.
+
+    payload bytes ─▶ decode (μ-law / A-law / PCM16) ─▶ agent channel ─▶ resample to 16 kHz (soxr, streaming)
+                  ─▶ level (running active-speech level, as ``audio.normalise_level`` does for files)
+                  ─▶ VAD segmenter ─▶ SpeechWindow (0.5–3 s; start/end on the call's agent-audio clock)
+
+The gateway feeds each ``AudioChunk`` here as it arrives; the windows go to the embedder off the event
+loop. Offline tools (``benchmarks/takeover.py``) feed whole files through the same object, so live and
+offline windows are the same windows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+import numpy as np
+
+from verifier.audio import (
+    StreamResampler,
+    decode_alaw,
+    decode_mulaw,
+    decode_pcm16,
+)
+from verifier.errors import AudioError
+from verifier.pipeline import SAMPLE_RATE, VadConfig
+from verifier.vad import SpeechWindow, VadSegmenter
+
+Encoding = Literal["mulaw", "alaw", "pcm16"]
+
+_FRAME_SECONDS = 0.02
+_ACTIVITY_MARGIN = 10 ** (15.9 / 10)  # ITU-T P.56, as audio.active_level_dbfs
+_SILENCE_FLOOR = 10 ** (-70.0 / 10)
+
+
+class RunningLevel:
+    """A streaming version of ``audio.normalise_level``: the gain that brings the active speech level of
+    the last ``memory_seconds`` to ``target_dbfs`` (at most ``max_gain_db``).
+
+    The VAD is level-sensitive (quiet phone lines lose speech frames); the embedding is not (fbank with
+    mean normalisation). The gain is re-estimated every ``update_seconds`` of audio, at fixed points of
+    the stream and from the frames before them only, so the output does not depend on how the audio was
+    chunked (a partial 20 ms frame waits for the next chunk).
+    """
+
+    def __init__(
+        self,
+        target_dbfs: float = -26.0,
+        max_gain_db: float = 30.0,
+        memory_seconds: float = 10.0,
+        update_seconds: float = 0.5,
+    ) -> None:
+        self.target_power = 10 ** (target_dbfs / 10)
+        self.max_gain = 10 ** (max_gain_db / 20)
+        self._powers: deque[float] = deque(maxlen=round(memory_seconds / _FRAME_SECONDS))
+        self._leftover = np.zeros(0, dtype=np.float32)
+        self._frame = round(_FRAME_SECONDS * SAMPLE_RATE)
+        self._update_frames = round(update_seconds / _FRAME_SECONDS)
+        self._frame_index = 0
+        self._gain = 1.0
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        buffered = np.concatenate((self._leftover, samples))
+        whole = len(buffered) // self._frame * self._frame
+        self._leftover = buffered[whole:]
+        frames = buffered[:whole].reshape(-1, self._frame)
+        out = np.empty_like(frames)
+        done = 0
+        while done < len(frames):
+            if self._frame_index % self._update_frames == 0:
+                self._gain = self._estimate()
+            block = min(len(frames) - done, self._update_frames - self._frame_index % self._update_frames)
+            chunk = frames[done : done + block]
+            out[done : done + block] = np.clip(chunk * np.float32(self._gain), -1.0, 1.0)
+            self._powers.extend(np.mean(chunk.astype(np.float64) ** 2, axis=1).tolist())
+            self._frame_index += block
+            done += block
+        return out.reshape(-1)
+
+    def _estimate(self) -> float:
+        powers = np.array(self._powers)
+        powers = powers[powers > _SILENCE_FLOOR]
+        if len(powers) == 0:
+            return self._gain
+        level = float(np.percentile(powers, 95))
+        for _ in range(len(powers) + 1):  # the fixed point of audio.active_level_dbfs
+            new_level = float(powers[powers >= level / _ACTIVITY_MARGIN].mean())
+            if new_level == level:
+                break
+            level = new_level
+        return min(float(np.sqrt(self.target_power / level)), self.max_gain)
+
+
+class AgentAudio:
+    """One call's agent channel: encoded chunks in, speech windows out, in order."""
+
+    def __init__(
+        self,
+        encoding: Encoding,
+        sample_rate: int,
+        channels: int = 1,
+        agent_channel: int | None = None,
+        vad: VadConfig | None = None,
+    ) -> None:
+        if encoding not in ("mulaw", "alaw", "pcm16"):
+            raise AudioError(f"unsupported encoding {encoding!r}: use mulaw, alaw or pcm16")
+        if channels < 1 or (agent_channel is not None and not 0 <= agent_channel < channels):
+            raise AudioError(f"agent channel {agent_channel} does not exist in {channels}-channel audio")
+        if channels > 1 and agent_channel is None:
+            raise AudioError(f"{channels}-channel audio needs an agent channel to listen to")
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.agent_channel = agent_channel
+        self.vad = vad or VadConfig()
+        self._resampler = StreamResampler(sample_rate, SAMPLE_RATE)
+        self._level = RunningLevel()
+        self._segmenter = VadSegmenter(
+            sample_rate=SAMPLE_RATE,
+            aggressiveness=self.vad.aggressiveness,
+            min_window=self.vad.min_window,
+            max_window=self.vad.max_window,
+            hangover_ms=self.vad.hangover_ms,
+            min_speech_ratio=self.vad.min_speech_ratio,
+        )
+        self.seconds_received = 0.0  # of agent audio, on the call's clock
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        """Encoded (interleaved) audio → the agent channel as float32 at the input rate."""
+        if self.encoding == "pcm16":
+            samples = decode_pcm16(payload, self.channels)
+        else:
+            if len(payload) % self.channels:
+                raise AudioError(f"{len(payload)} bytes of G.711 do not divide into {self.channels} channels")
+            decoded = decode_mulaw(payload) if self.encoding == "mulaw" else decode_alaw(payload)
+            samples = decoded if self.channels == 1 else decoded.reshape(-1, self.channels)
+        return samples if self.channels == 1 else np.ascontiguousarray(samples[:, self.agent_channel])
+
+    def feed(self, payload: bytes) -> list[SpeechWindow]:
+        samples = self.decode(payload)
+        self.seconds_received += len(samples) / self.sample_rate
+        return self._segment(self._resampler.process(samples))
+
+    def feed_silence(self, seconds: float) -> list[SpeechWindow]:
+        """A gap on the media clock (hold, discarded audio): silence keeps window times on the clock
+        and closes any open window, without inventing speech."""
+        samples = np.zeros(round(seconds * self.sample_rate), dtype=np.float32)
+        self.seconds_received += seconds
+        return self._segment(self._resampler.process(samples))
+
+    def flush(self) -> list[SpeechWindow]:
+        return self._segment(self._resampler.flush(), final=True)
+
+    def _segment(self, samples16k: np.ndarray, final: bool = False) -> list[SpeechWindow]:
+        windows = self._segmenter.feed(self._level.process(samples16k)) if len(samples16k) else []
+        if final:
+            windows += self._segmenter.flush()
+        return windows
