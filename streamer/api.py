@@ -54,6 +54,7 @@ Health = Annotated[ApiKey, Depends(require(Permission.HEALTH))]
 Reader = Annotated[ApiKey, Depends(require(Permission.READ_VOICEPRINTS))]
 Writer = Annotated[ApiKey, Depends(require(Permission.WRITE_VOICEPRINTS))]
 Admin = Annotated[ApiKey, Depends(require(Permission.ADMIN))]
+Monitor = Annotated[ApiKey, Depends(require(Permission.MONITOR))]
 
 
 # --- response bodies --------------------------------------------------------------------------------
@@ -230,10 +231,18 @@ class KeyIn(BaseModel):
 class TenantSettingsOut(BaseModel):
     tenant: str
     retain_audio: bool
+    twilio_auth_token_set: bool
+    audiohook_client_secret_set: bool
 
 
 class TenantSettingsIn(BaseModel):
     retain_audio: bool | None = None
+    twilio_auth_token: str | None = Field(
+        None, max_length=256, description="Twilio signs stream requests with it ('' removes it)."
+    )
+    audiohook_client_secret: str | None = Field(
+        None, max_length=256, description="Base64 AudioHook client secret for signatures ('' removes it)."
+    )
 
 
 class HealthOut(BaseModel):
@@ -460,17 +469,26 @@ async def revoke_key(request: Request, key: Admin, key_id: str) -> KeyOut:
 @router.get("/v1/tenant", tags=["admin"])
 async def get_tenant_settings(request: Request, key: Admin) -> TenantSettingsOut:
     app = state(request)
-    settings = await app.run_io(app.service.tenants.get, key.tenant)
-    return TenantSettingsOut(tenant=key.tenant, retain_audio=settings.retain_audio)
+    return _tenant_out(key.tenant, await app.run_io(app.service.tenants.get, key.tenant))
 
 
 @router.patch("/v1/tenant", tags=["admin"])
 async def update_tenant_settings(request: Request, key: Admin, body: TenantSettingsIn) -> TenantSettingsOut:
+    """Change tenant settings; secrets are written, never read back (only whether they are set)."""
     app = state(request)
-    settings = await app.run_io(
-        lambda: app.service.tenants.update(key.tenant, retain_audio=body.retain_audio)
+    changes = body.model_dump(exclude_none=True)
+    return _tenant_out(
+        key.tenant, await app.run_io(lambda: app.service.tenants.update(key.tenant, **changes))
     )
-    return TenantSettingsOut(tenant=key.tenant, retain_audio=settings.retain_audio)
+
+
+def _tenant_out(tenant: str, settings: Any) -> TenantSettingsOut:
+    return TenantSettingsOut(
+        tenant=tenant,
+        retain_audio=settings.retain_audio,
+        twilio_auth_token_set=settings.twilio_auth_token_set,
+        audiohook_client_secret_set=settings.audiohook_client_secret_set,
+    )
 
 
 @router.get("/openapi.json", tags=["health"], include_in_schema=False)

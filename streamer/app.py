@@ -4,12 +4,15 @@ one port for the REST API and, as later issues add them, live call audio, alerts
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +21,12 @@ from streamer import problems
 from streamer.api import router
 from streamer.archive import AudioArchive, TenantSettingsStore
 from streamer.auth import KeyStore
+from streamer.calls_api import binding_listener
+from streamer.calls_api import router as calls_router
+from streamer.embedding import EmbeddingService
+from streamer.feeds import Feeds
+from streamer.gateway import CallRegistry
+from streamer.gateway import router as gateway_router
 from streamer.redis_server import embedded_url
 from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
@@ -32,7 +41,7 @@ from verifier.scoring import Scorer
 log = logging.getLogger("vpmon.server")
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def redis_client(settings: Settings) -> redis.Redis:  # for the CLI
     """The configured Redis, or the embedded one (started if it is not running)."""
     return connect(settings.redis_url_value() or embedded_url())
 
@@ -100,18 +109,35 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, client: redis.Redis | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis_conn = client or redis_client(settings)
-        service = build_service(settings, redis_conn)
-        app.state.vpmon = AppState(settings, service, KeyStore(redis_conn))
+        url = settings.redis_url_value() or embedded_url()
+        client = connect(url)
+        async_client = aredis.Redis.from_url(url, protocol=2, socket_connect_timeout=5.0)
+        service = build_service(settings, client)
+        state = AppState(
+            settings,
+            service,
+            KeyStore(client),
+            redis=async_client,
+            feeds=Feeds(async_client),
+            embeddings=EmbeddingService(service.embedder, settings.embed_workers),
+            calls=CallRegistry(),
+        )
+        app.state.vpmon = state
+        listener = asyncio.create_task(binding_listener(state))
         log.info("serving model %s, store %s", service.model_id, service.store.backend)
-        yield
-        if client is None:
-            redis_conn.close()
+        try:
+            yield
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await async_client.aclose()
+            client.close()
 
     app = FastAPI(
         title="vpmon",
@@ -126,6 +152,8 @@ def create_app(settings: Settings | None = None, client: redis.Redis | None = No
     )
     problems.install(app)
     app.include_router(router)
+    app.include_router(calls_router)
+    app.include_router(gateway_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
     return app
 
@@ -136,6 +164,9 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
+        ws_max_size=1024 * 1024,  # the adapters refuse much less; this bounds what uvicorn buffers
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
         log_level="info",
         proxy_headers=False,
         server_header=False,

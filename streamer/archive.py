@@ -21,9 +21,14 @@ from verifier.audio import Audio, encode_flac, read_audio_bytes
 @dataclass(frozen=True)
 class TenantSettings:
     retain_audio: bool = False
+    twilio_auth_token_set: bool = False  # the secrets themselves are never read back through the API
+    audiohook_client_secret_set: bool = False
 
 
 class TenantSettingsStore:
+    """Per-tenant settings in ``vptenant:{<tenant>}``: audio retention, and the secrets telephony
+    platforms sign with (the Twilio auth token; the AudioHook client secret, base64)."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
@@ -32,13 +37,42 @@ class TenantSettingsStore:
         return f"vptenant:{{{check_tenant(tenant)}}}"
 
     def get(self, tenant: str) -> TenantSettings:
-        retain = self.client.hget(self._key(tenant), "retain_audio")
-        return TenantSettings(retain_audio=retain == b"1")
+        fields = self.client.hgetall(self._key(tenant))
+        return TenantSettings(
+            retain_audio=fields.get(b"retain_audio") == b"1",
+            twilio_auth_token_set=bool(fields.get(b"twilio_auth_token")),
+            audiohook_client_secret_set=bool(fields.get(b"audiohook_client_secret")),
+        )
 
-    def update(self, tenant: str, *, retain_audio: bool | None = None) -> TenantSettings:
+    def update(
+        self,
+        tenant: str,
+        *,
+        retain_audio: bool | None = None,
+        twilio_auth_token: str | None = None,
+        audiohook_client_secret: str | None = None,
+    ) -> TenantSettings:
+        """None leaves a setting as it is; an empty string removes a secret."""
+        changes: dict[str, str] = {}
         if retain_audio is not None:
-            self.client.hset(self._key(tenant), "retain_audio", "1" if retain_audio else "0")
+            changes["retain_audio"] = "1" if retain_audio else "0"
+        for name, value in (
+            ("twilio_auth_token", twilio_auth_token),
+            ("audiohook_client_secret", audiohook_client_secret),
+        ):
+            if value is not None:
+                changes[name] = value
+        if changes:
+            self.client.hset(self._key(tenant), mapping=changes)
         return self.get(tenant)
+
+    def twilio_auth_token(self, tenant: str) -> str | None:
+        value = self.client.hget(self._key(tenant), "twilio_auth_token")
+        return value.decode() if value else None
+
+    def audiohook_client_secret(self, tenant: str) -> str | None:
+        value = self.client.hget(self._key(tenant), "audiohook_client_secret")
+        return value.decode() if value else None
 
 
 class AudioArchive:

@@ -53,6 +53,20 @@ class Settings(BaseSettings):
     embed_threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per inference.")
     embed_workers: int = Field(2, ge=1, le=64, description="Uploads embedded at the same time.")
 
+    # --- live calls ---------------------------------------------------------------------------------
+    public_url: str | None = Field(
+        None,
+        description="The server's URL as telephony platforms reach it (e.g. wss://vpmon.example.com), for "
+        "Twilio signatures behind a TLS-terminating proxy. Unset: the URL the server sees.",
+    )
+    twilio_agent_track: Literal["inbound", "outbound"] = Field(
+        "outbound", description="The Twilio track that carries the agent (outbound on the customer's leg)."
+    )
+    ws_idle_seconds: float = Field(30.0, gt=0, description="A call with no message for this long is closed.")
+    max_frame_bytes: int = Field(
+        64 * 1024, ge=1024, le=1024 * 1024, description="Largest audio frame on the native protocol."
+    )
+
     # --- limits on uploads --------------------------------------------------------------------------
     max_upload_bytes: int = Field(25 * MiB, ge=1024, description="Largest request body accepted.")
     max_audio_seconds: float = Field(300.0, gt=0, description="Longest recording accepted, per file.")

@@ -3,6 +3,7 @@ threads that keep CPU and blocking Redis calls off the event loop."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -10,10 +11,14 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import redis.asyncio as aredis
 
 from streamer.auth import KeyStore
+from streamer.embedding import EmbeddingService
+from streamer.feeds import Feeds
 from streamer.service import VoiceprintService
 from streamer.settings import Settings
+from verifier.decision import DecisionPolicy
 
 T = TypeVar("T")
 
@@ -23,6 +28,12 @@ class AppState:
     settings: Settings
     service: VoiceprintService
     keys: KeyStore
+    redis: aredis.Redis  # the asyncio client, for streams and pub/sub
+    feeds: Feeds
+    embeddings: EmbeddingService
+    calls: Any  # streamer.gateway.CallRegistry (imported there: the gateway imports this module)
+    decision_policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+    gateway_id: str = field(default_factory=lambda: secrets.token_hex(6))
     # Embedding uploads is CPU-bound: a few at a time, so live calls keep their share of the cores.
     cpu_limiter: anyio.CapacityLimiter = field(init=False)
     # Redis calls are short but blocking (redis-py is synchronous here).

@@ -145,7 +145,7 @@ def test_enrolment_quality_gate_names_the_odd_recording(
 
 def test_retained_audio_and_reembed(vpmon_server: RunningServer, voices: dict[str, list[Path]]) -> None:
     admin = vpmon_server.client(vpmon_server.key("keeper"))
-    assert admin.get("/v1/tenant").json() == {"tenant": "keeper", "retain_audio": False}
+    assert admin.get("/v1/tenant").json()["retain_audio"] is False
     assert admin.patch("/v1/tenant", json={"retain_audio": True}).json()["retain_audio"] is True
 
     created = enrol(admin, "kept", voices["tuxpaint_ro"][:ENROL_COUNT]).json()

@@ -53,7 +53,7 @@ class AgentChanged:
     """The protocol named a (new) agent mid-call: a transfer. Evidence resets."""
 
     agent_id: str
-    agent_channel: int | None = None
+    agent_channel: int | None = None  # None: the agent's channel is unchanged
 
 
 @dataclass(frozen=True)
@@ -112,17 +112,24 @@ class CloseRequest:
 
 # Close codes (RFC 6455 §7.4.1 and the registered 4000-4999 private range).
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the server shuts down
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013  # overloaded
 CLOSE_UNAUTHORIZED = 4001  # private: a failed API key or signature
 CLOSE_UNKNOWN_AGENT = 4004  # private: the agent named is not enrolled
 
 
 class CallProtocol(Protocol):
-    """The interface every adapter offers the I/O layer."""
+    """The interface every adapter offers the I/O layer.
+
+    Every ``CallStarted`` is followed by exactly one ``CallEnded`` (stop, ``fail``, a violation or
+    ``connection_lost``); ``connection_lost`` before a start emits nothing. Once a close is requested or
+    the connection is lost, input is ignored and nothing more is queued; the first close request wins.
+    """
 
     close_requested: CloseRequest | None
 

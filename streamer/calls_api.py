@@ -1,0 +1,171 @@
+"""Live calls and alerts over HTTP: bind an agent to a call, list calls, and the SSE feeds.
+
+- ``PUT /v1/calls/{call_id}/agent``: the telephony integration says who the agent is (AudioHook carries
+  no agent; a transfer changes it). Stored in Redis for a call that has not started yet, and published
+  to every gateway for a call that is live.
+- ``GET /v1/calls``: the tenant's live and recently ended calls with their latest state.
+- ``GET /v1/alerts``: recent alerts and notices; ``GET /v1/alerts/stream``: the same as Server-Sent
+  Events, replayed from ``Last-Event-ID``; ``GET /v1/calls/stream``: verdicts and call starts/ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from streamer.api import Monitor, state
+from streamer.feeds import alerts_key, binding_channel, binding_key, verdicts_key
+from streamer.gateway import apply_binding
+from streamer.state import AppState
+from streamer.store import check_speaker
+
+log = logging.getLogger("vpmon.calls")
+router = APIRouter()
+
+BINDING_TTL_SECONDS = 24 * 3600
+_CALL_ID = r"^[A-Za-z0-9_.@:+-]{1,128}$"
+
+
+class AgentBinding(BaseModel):
+    agent_id: str = Field(pattern=r"^[A-Za-z0-9_.@:+-]{1,128}$")
+    agent_channel: int | None = Field(
+        None, ge=0, le=7, description="Channel index of the agent, if not the default."
+    )
+
+
+class BindingOut(BaseModel):
+    call_id: str
+    agent_id: str
+    agent_channel: int | None
+    live: bool = Field(description="The call is streaming now (on some gateway) and switched at once.")
+
+
+class CallOut(BaseModel):
+    call_id: str
+    agent_id: str | None
+    site: str | None
+    protocol: str
+    model_id: str
+    state: str
+    started_at: str
+    net_speech_seconds: float
+    score: float | None
+    threshold: float | None
+    alerts: int
+    ended_reason: str | None = None
+
+
+class AlertOut(BaseModel):
+    id: str = Field(description="The stream id: pass it as Last-Event-ID to resume after it.")
+    type: str = Field(description="alert (a takeover) or notice (agent not enrolled, model mismatch).")
+    data: dict[str, Any]
+
+
+@router.put("/v1/calls/{call_id}/agent", tags=["calls"])
+async def bind_agent(
+    request: Request,
+    key: Monitor,
+    call_id: Annotated[
+        str, Path(pattern=_CALL_ID, description="The telephony call id (callSid, conversationId…).")
+    ],
+    body: AgentBinding,
+) -> BindingOut:
+    """Tell vpmon who the agent on a call is: before the stream starts, during it, or on a transfer."""
+    app = state(request)
+    voiceprint = await app.run_io(app.service.store.get, key.tenant, check_speaker(body.agent_id))
+    if voiceprint is None:
+        raise HTTPException(
+            404, f"agent {body.agent_id!r} is not enrolled in tenant {key.tenant!r}: enrol it first"
+        )
+    record = {
+        "agent_id": body.agent_id,
+        "agent_channel": "" if body.agent_channel is None else str(body.agent_channel),
+    }
+    await app.redis.hset(binding_key(key.tenant, call_id), mapping=record)
+    await app.redis.expire(binding_key(key.tenant, call_id), BINDING_TTL_SECONDS)
+    live = await apply_binding(app, key.tenant, call_id, body.agent_id, body.agent_channel)
+    message = {"gateway": app.gateway_id, "call_id": call_id, **record}
+    receivers = await app.redis.publish(binding_channel(key.tenant), json.dumps(message))
+    # Every gateway subscribes, this one included; another gateway holding the call makes it live too.
+    live = live or (receivers > 1 and await _live_elsewhere(app, key.tenant, call_id))
+    return BindingOut(call_id=call_id, agent_id=body.agent_id, agent_channel=body.agent_channel, live=live)
+
+
+async def _live_elsewhere(app: AppState, tenant: str, call_id: str) -> bool:
+    calls = {c["call_id"]: c for c in await app.feeds.calls(tenant)}
+    return call_id in calls and calls[call_id]["state"] != "ended"
+
+
+@router.get("/v1/calls", tags=["calls"])
+async def list_calls(request: Request, key: Monitor) -> list[CallOut]:
+    """Live calls and calls that ended within the last hour, oldest first."""
+    return [CallOut(**call) for call in await state(request).feeds.calls(key.tenant)]
+
+
+@router.get("/v1/alerts", tags=["calls"])
+async def recent_alerts(
+    request: Request, key: Monitor, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[AlertOut]:
+    """The newest alerts and notices first."""
+    entries = await state(request).feeds.recent_alerts(key.tenant, limit)
+    return [AlertOut(id=e.id, type=e.kind, data=e.data) for e in entries]
+
+
+_STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
+
+def _sse(app: AppState, key: str, after: str | None) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        yield "retry: 2000\n\n"
+        async for entry in app.feeds.follow(key, after):
+            yield ": keep-alive\n\n" if entry is None else entry.sse()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+LastEventId = Annotated[str | None, Header(pattern=_STREAM_ID, description="Resume after this event id.")]
+
+
+@router.get("/v1/alerts/stream", tags=["calls"], response_class=StreamingResponse)
+async def alert_stream(
+    request: Request, key: Monitor, last_event_id: LastEventId = None
+) -> StreamingResponse:
+    """Alerts and notices as Server-Sent Events (``event: alert|notice``, ``id`` = stream id). With
+    ``Last-Event-ID`` every retained event after it is replayed first; without, only new ones."""
+    return _sse(state(request), alerts_key(key.tenant), last_event_id)
+
+
+@router.get("/v1/calls/stream", tags=["calls"], response_class=StreamingResponse)
+async def call_stream(request: Request, key: Monitor, last_event_id: LastEventId = None) -> StreamingResponse:
+    """Verdicts and call starts/ends as Server-Sent Events (``event: verdict|call``)."""
+    return _sse(state(request), verdicts_key(key.tenant), last_event_id)
+
+
+async def binding_listener(app: AppState) -> None:
+    """Bindings published by other gateways, applied to the calls this gateway holds."""
+    pubsub = app.redis.pubsub()
+    await pubsub.psubscribe("vpbind:{*}")
+    try:
+        async for message in pubsub.listen():
+            if message.get("type") != "pmessage":
+                continue
+            try:
+                data = json.loads(message["data"])
+                if data.get("gateway") == app.gateway_id:
+                    continue
+                tenant = message["channel"].decode().partition("{")[2].rstrip("}")
+                channel = int(data["agent_channel"]) if data.get("agent_channel") else None
+                await apply_binding(app, tenant, data["call_id"], data["agent_id"], channel)
+            except (ValueError, KeyError) as exc:
+                log.warning("ignoring a malformed binding message: %s", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()

@@ -1,0 +1,29 @@
+"""Speech windows from live calls → embeddings, off the event loop.
+
+``EmbeddingService.embed`` is what a call awaits for each window. Today each window runs as one
+``embed_batch`` call in a worker thread (onnxruntime releases the GIL), at most ``workers`` at a time;
+the batching pool across calls (issue "Throughput") replaces the inside without changing this interface.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from verifier.embedder import Embedder
+
+
+class EmbeddingService:
+    def __init__(self, embedder: Embedder, workers: int = 2) -> None:
+        self.embedder = embedder
+        self._limiter = anyio.CapacityLimiter(workers)
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    async def embed(self, samples: np.ndarray) -> np.ndarray:
+        """One window of 16 kHz float samples → its L2-normalised embedding."""
+        batch = await anyio.to_thread.run_sync(self.embedder.embed_batch, [samples], limiter=self._limiter)
+        return batch[0]

@@ -1,0 +1,444 @@
+"""Live calls over websockets: the thin asyncio shell around the protocol adapters and ``CallSession``.
+
+Per connection: authenticate the upgrade (API key, Twilio or AudioHook signature), then move frames
+into the adapter and its events into the call; speech windows go to the embedder off the event loop and
+come back in order to the call's decision; verdicts, alerts and notices go to Redis first
+(``streamer/feeds.py``), then to the peer where its protocol can carry them. One bad call never touches
+another: every failure ends only its own connection, with the protocol's close.
+
+Routes (one port with the REST API):
+    /v1/streams/twilio/{tenant}   Twilio Media Streams; X-Twilio-Signature with the tenant's auth token
+    /v1/streams/audiohook         Genesys AudioHook v2; X-API-KEY (a monitor key), optional signature
+    /v1/streams/native            vpmon's protocol; Authorization: Bearer (a monitor key)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from streamer import problems
+from streamer.auth import ApiKey, Permission
+from streamer.feeds import binding_key
+from streamer.protocols import audiohook, native, twilio
+from streamer.protocols.events import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_UNKNOWN_AGENT,
+    AgentChanged,
+    AudioChunk,
+    AudioDiscarded,
+    CallEnded,
+    CallPaused,
+    CallProtocol,
+    CallResumed,
+    CallStarted,
+    ProtocolViolation,
+)
+from streamer.session import CallSession, CallState, Output
+from streamer.state import AppState
+from streamer.store import check_speaker
+from verifier.errors import VpmonError
+from verifier.vad import SpeechWindow
+
+log = logging.getLogger("vpmon.gateway")
+router = APIRouter()
+
+CLOSE_MODEL_MISMATCH = 4009
+_WINDOW_QUEUE = 64  # windows waiting for embedding per call: ~3 minutes of speech at most
+
+
+@dataclass
+class LiveCall:
+    """A call on this gateway: its session, the socket's adapter, and its pending embeddings."""
+
+    session: CallSession
+    protocol: CallProtocol
+    websocket: WebSocket
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Windows on their way to a verdict, and agent changes, in the order they happened on the call (a
+    # transfer must not be applied to windows spoken before it). None stops the verdict loop.
+    windows: asyncio.Queue[tuple[SpeechWindow, asyncio.Task[np.ndarray]] | Rebind | None] = field(
+        default_factory=lambda: asyncio.Queue(_WINDOW_QUEUE)
+    )
+
+
+@dataclass(frozen=True)
+class Rebind:
+    agent_id: str
+    agent_channel: int | None
+    in_band: bool
+
+
+class CallRegistry:
+    """The calls this gateway holds, by (tenant, call id), for agent bindings that arrive mid-call."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], LiveCall] = {}
+
+    def get(self, tenant: str, call_id: str) -> LiveCall | None:
+        return self.calls.get((tenant, call_id))
+
+
+def app_state(websocket: WebSocket) -> AppState:
+    return websocket.app.state.vpmon
+
+
+# --- authentication of the upgrade ------------------------------------------------------------------
+async def deny(websocket: WebSocket, status: int, detail: str) -> None:
+    """Refuse the upgrade with an HTTP problem response (never a silent drop)."""
+    slug, title = problems._HTTP_TITLES.get(status, ("http-error", "HTTP error"))
+    response = problems.problem(status, slug, title, detail)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="vpmon"'
+    await websocket.send_denial_response(response)
+
+
+async def key_for(websocket: WebSocket, token: str | None) -> ApiKey | None:
+    state = app_state(websocket)
+    if not token:
+        return None
+    key = await state.run_io(state.keys.authenticate, token)
+    return key if key is not None and key.can(Permission.MONITOR) else None
+
+
+def bearer(websocket: WebSocket) -> str | None:
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+@router.websocket("/v1/streams/native")
+async def native_stream(websocket: WebSocket) -> None:
+    key = await key_for(websocket, bearer(websocket))
+    if key is None:
+        await deny(websocket, 401, "send a monitor or admin API key: Authorization: Bearer vpk_…")
+        return
+    state = app_state(websocket)
+    await websocket.accept()
+    protocol = native.NativeStream(max_frame_bytes=state.settings.max_frame_bytes)
+    await run_call(websocket, protocol, key.tenant, "native")
+
+
+@router.websocket("/v1/streams/twilio/{tenant}")
+async def twilio_stream(websocket: WebSocket, tenant: str) -> None:
+    state = app_state(websocket)
+    token = (
+        await state.run_io(state.service.tenants.twilio_auth_token, tenant) if _valid_tenant(tenant) else None
+    )
+    signature = websocket.headers.get("x-twilio-signature", "")
+    url = public_url(websocket)
+    if token is None or not signature or not twilio.validate_twilio_signature(token, url, signature):
+        await deny(
+            websocket,
+            403,
+            "X-Twilio-Signature is missing or wrong for this URL, or the tenant has no Twilio auth token "
+            "(set it with PATCH /v1/tenant); check that the public URL matches VPMON_PUBLIC_URL",
+        )
+        return
+    await websocket.accept()
+    protocol = twilio.TwilioMediaStream(agent_track=state.settings.twilio_agent_track)
+    await run_call(websocket, protocol, tenant, "twilio")
+
+
+@router.websocket("/v1/streams/audiohook")
+async def audiohook_stream(websocket: WebSocket) -> None:
+    """AudioHook refuses after ``open`` with a ``disconnect`` (the client shows its reason), so the
+    upgrade is accepted even when the key is wrong; missing AudioHook headers are refused at once."""
+    state = app_state(websocket)
+    headers = dict(websocket.headers)
+    missing = audiohook.required_headers_missing(headers)
+    if missing:
+        await deny(websocket, 400, f"missing AudioHook headers: {', '.join(missing)}")
+        return
+    key = await key_for(websocket, headers.get("x-api-key"))
+    auth_error = None if key is not None else "the X-API-KEY is not a valid vpmon monitor key"
+    if key is not None:
+        secret = await state.run_io(state.service.tenants.audiohook_client_secret, key.tenant)
+        if secret is not None:
+            auth_error = audiohook.verify_message_signature(
+                "GET",
+                headers.get("host", ""),
+                websocket.url.path + _query(websocket),
+                headers,
+                secret,
+                time.time(),
+            )
+    await websocket.accept()
+    protocol = audiohook.AudioHookSession(
+        session_id=headers["audiohook-session-id"],
+        auth_error=auth_error,
+        organization_id=headers["audiohook-organization-id"],
+    )
+    await run_call(websocket, protocol, key.tenant if key is not None else None, "audiohook")
+
+
+def _valid_tenant(tenant: str) -> bool:
+    from streamer.store import TENANT_RE
+
+    return bool(TENANT_RE.fullmatch(tenant))
+
+
+def _query(websocket: WebSocket) -> str:
+    return f"?{websocket.url.query}" if websocket.url.query else ""
+
+
+def public_url(websocket: WebSocket) -> str:
+    """The URL the telephony platform connected to (what Twilio signs): VPMON_PUBLIC_URL behind a proxy
+    that terminates TLS, else the Host header and the scheme the server saw."""
+    base = app_state(websocket).settings.public_url
+    if base:
+        return base.rstrip("/") + websocket.url.path + _query(websocket)
+    return str(websocket.url)
+
+
+# --- one call ---------------------------------------------------------------------------------------
+async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | None, name: str) -> None:
+    state = app_state(websocket)
+    call: LiveCall | None = None
+    consumer: asyncio.Task[None] | None = None
+    idle = state.settings.ws_idle_seconds
+    try:
+        while protocol.close_requested is None:
+            # AudioHook ends with a handshake: after our disconnect the client has 10 s to close.
+            awaiting_close = getattr(protocol, "awaiting_close", False)
+            timeout = min(idle, audiohook.CLOSE_TIMEOUT_SECONDS) if awaiting_close else idle
+            try:
+                message = await asyncio.wait_for(websocket.receive(), timeout=timeout)
+            except TimeoutError:
+                if awaiting_close:
+                    protocol.close_timeout_expired()  # type: ignore[attr-defined]
+                else:
+                    protocol.fail(CLOSE_POLICY_VIOLATION, f"no message for {idle:.0f} s")
+                continue
+            if message["type"] == "websocket.disconnect":
+                protocol.connection_lost()
+                await handle_events(state, protocol, call)
+                return
+            if message.get("text") is not None:
+                protocol.receive_text(message["text"])
+            elif message.get("bytes") is not None:
+                protocol.receive_bytes(message["bytes"])
+            for event in protocol.events_received():
+                if isinstance(event, CallStarted):
+                    if tenant is None:  # AudioHook with a failed key: the adapter has disconnected
+                        continue
+                    call = await start_call(state, websocket, protocol, tenant, name, event)
+                    if call is not None:
+                        consumer = asyncio.create_task(verdict_loop(state, call))
+                else:
+                    await handle_event(state, call, event)
+            await flush(websocket, protocol, call)
+        close = protocol.close_requested
+        if call is not None and consumer is not None and close is not None and close.code == CLOSE_NORMAL:
+            # The peer ended the call: finish its windows first, so their verdicts and any alert still
+            # reach it, then close.
+            await drain(call, consumer)
+            consumer = None
+        await flush(websocket, protocol, call)
+        if close is not None:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await websocket.close(close.code, close.reason)
+    except WebSocketDisconnect:
+        protocol.connection_lost()
+        await handle_events(state, protocol, call)
+    finally:
+        if call is not None:
+            await end_call(state, call, consumer)
+
+
+async def handle_events(state: AppState, protocol: CallProtocol, call: LiveCall | None) -> None:
+    for event in protocol.events_received():
+        if not isinstance(event, CallStarted):
+            await handle_event(state, call, event)
+
+
+async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> None:
+    if isinstance(event, ProtocolViolation):
+        log.warning(
+            "protocol violation on %s: %s (%d)",
+            call.session.call_id if call else "-",
+            event.reason,
+            event.code,
+        )
+        return
+    if call is None:
+        return
+    session = call.session
+    if isinstance(event, AudioChunk):
+        for window in session.feed(event):
+            await queue_window(state, call, window)
+    elif isinstance(event, AudioDiscarded):
+        for window in session.gap(event.seconds):
+            await queue_window(state, call, window)
+    elif isinstance(event, AgentChanged):
+        await call.windows.put(Rebind(event.agent_id, event.agent_channel, in_band=True))
+    elif isinstance(event, CallEnded):
+        for window in session.finish():
+            await queue_window(state, call, window)
+    elif isinstance(event, CallPaused | CallResumed):
+        pass  # no audio arrives while paused; the media clock does not run
+
+
+async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) -> None:
+    # The task starts embedding at once (in a worker thread); the verdict loop awaits tasks in order.
+    task = asyncio.create_task(state.embeddings.embed(window.samples))
+    await call.windows.put((window, task))
+
+
+async def verdict_loop(state: AppState, call: LiveCall) -> None:
+    while True:
+        item = await call.windows.get()
+        if item is None:
+            return
+        if isinstance(item, Rebind):
+            await bind(state, call, item.agent_id, item.agent_channel, item.in_band)
+            if item.in_band and call.session.state in (CallState.NOT_ENROLLED, CallState.MODEL_MISMATCH):
+                # bind() failed the call (the new agent cannot be verified): close it now
+                await flush(call.websocket, call.protocol, call)
+                close = call.protocol.close_requested
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                    await call.websocket.close(close.code, close.reason)
+                return
+            continue
+        window, task = item
+        try:
+            embedding = await task
+        except VpmonError as exc:
+            log.warning("call %s: window not embedded: %s", call.session.call_id, exc)
+            continue
+        try:
+            await publish(state, call, call.session.observe(window, embedding))
+        except Exception:
+            log.exception("call %s: a verdict failed", call.session.call_id)
+            raise
+
+
+async def start_call(
+    state: AppState,
+    websocket: WebSocket,
+    protocol: CallProtocol,
+    tenant: str,
+    name: str,
+    started: CallStarted,
+) -> LiveCall | None:
+    if started.tenant is not None and started.tenant != tenant:
+        protocol.fail(CLOSE_POLICY_VIOLATION, f"tenant {started.tenant!r} does not match the key's tenant")
+        return None
+    key = (tenant, started.call_id)
+    if key in state.calls.calls:
+        protocol.fail(CLOSE_POLICY_VIOLATION, f"call {started.call_id} is already streaming on this gateway")
+        return None
+    session = CallSession(
+        tenant=tenant,
+        call_id=started.call_id,
+        protocol=name,
+        model_id=state.embeddings.model_id,
+        calibration=state.service.scorer.calibration,  # type: ignore[arg-type]
+        policy=state.decision_policy,
+    )
+    session.start(started)
+    call = LiveCall(session, protocol, websocket)
+    state.calls.calls[key] = call
+    await publish(state, call, [Output("call", session.describe())])
+    # Who is the agent? In-band first; else a binding made through the API before the stream began.
+    agent_id, agent_channel = started.agent_id, None
+    if agent_id is None:
+        bound = await state.redis.hgetall(binding_key(tenant, started.call_id))
+        if bound:
+            agent_id = bound[b"agent_id"].decode()
+            agent_channel = int(bound[b"agent_channel"]) if bound.get(b"agent_channel") else None
+    if agent_id is not None:
+        await bind(state, call, agent_id, agent_channel, in_band=started.agent_id is not None)
+    return call
+
+
+async def bind(
+    state: AppState, call: LiveCall, agent_id: str, agent_channel: int | None, in_band: bool
+) -> None:
+    """Bind an agent (first time or transfer). An in-band agent that cannot be verified ends the call
+    with a precise close; the notice goes to the feed either way, so supervisors see it."""
+    session = call.session
+    try:
+        check_speaker(agent_id)
+        voiceprint = await state.run_io(state.service.store.get, session.tenant, agent_id)
+    except VpmonError:
+        voiceprint = None
+    outputs = session.bind(agent_id, voiceprint, agent_channel)
+    await publish(state, call, outputs)
+    if in_band and session.state is CallState.NOT_ENROLLED:
+        call.protocol.fail(
+            CLOSE_UNKNOWN_AGENT, f"agent {agent_id} is not enrolled in tenant {session.tenant}"
+        )
+    elif in_band and session.state is CallState.MODEL_MISMATCH:
+        call.protocol.fail(CLOSE_MODEL_MISMATCH, f"agent {agent_id}'s voiceprint is another model's")
+
+
+async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> None:
+    """Redis first (alerts are never lost), then the peer."""
+    session = call.session
+    for output in outputs:
+        if output.kind in ("alert", "notice"):
+            await state.feeds.add_alert(session.tenant, output.kind, output.data)
+            call.protocol.send_alert(output.data)
+        else:
+            await state.feeds.add_verdict(session.tenant, output.kind, output.data)
+            if output.kind == "verdict":
+                call.protocol.send_verdict(output.data)
+    if outputs:
+        await state.feeds.set_call(session.tenant, session.call_id, session.describe())
+        await flush(call.websocket, call.protocol, call)
+
+
+async def flush(websocket: WebSocket, protocol: CallProtocol, call: LiveCall | None) -> None:
+    outgoing = protocol.data_to_send()
+    if not outgoing:
+        return
+    lock = call.send_lock if call is not None else contextlib.nullcontext()
+    async with lock:  # the receive loop and the verdict loop both send
+        for data in outgoing:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                if isinstance(data, bytes):
+                    await websocket.send_bytes(data)
+                else:
+                    await websocket.send_text(data)
+
+
+async def drain(call: LiveCall, consumer: asyncio.Task[None], timeout: float = 30.0) -> None:
+    """Let the verdict loop finish the windows already queued, then stop it."""
+    await call.windows.put(None)
+    try:
+        await asyncio.wait_for(consumer, timeout=timeout)
+    except TimeoutError:
+        log.warning(
+            "call %s: verdicts of the last windows took over %.0f s; dropped", call.session.call_id, timeout
+        )
+
+
+async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None] | None) -> None:
+    session = call.session
+    state.calls.calls.pop((session.tenant, session.call_id), None)
+    if consumer is not None:
+        await drain(call, consumer)
+    ended = session.end("stop")
+    await state.feeds.add_verdict(session.tenant, ended.kind, ended.data)
+    await state.feeds.set_call(session.tenant, session.call_id, session.describe(), ended=True)
+
+
+# --- bindings through the API -----------------------------------------------------------------------
+async def apply_binding(
+    state: AppState, tenant: str, call_id: str, agent_id: str, agent_channel: int | None
+) -> bool:
+    """A binding made through the API (on any gateway) reaches the call if it is live here."""
+    call = state.calls.get(tenant, call_id)
+    if call is None:
+        return False
+    await call.windows.put(Rebind(agent_id, agent_channel, in_band=False))
+    return True
