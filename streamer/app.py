@@ -27,6 +27,7 @@ from streamer.embedding import EmbeddingService
 from streamer.feeds import Feeds
 from streamer.gateway import CallRegistry
 from streamer.gateway import router as gateway_router
+from streamer.logs import log_config
 from streamer.redis_server import embedded_url
 from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
@@ -168,6 +169,7 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         log_level="info",
+        log_config=log_config("info"),
         proxy_headers=False,
         server_header=False,
         **uvicorn_options,

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from streamer.cli_common import JsonOption, err, out, progress_bar, user_errors
 from streamer.cli_service import keys_app, redis_app, service_app, voiceprints_app
+from streamer.cli_stream import stream_app
 from verifier.calibration import Calibration, fit_calibration, packaged_calibration
 from verifier.embedder import Embedder
 from verifier.errors import ModelError
@@ -304,6 +305,7 @@ def models_info(model: Annotated[str, typer.Argument(help="Model id or alias.")]
 
 # The voiceprint service and server commands (streamer/cli_service.py), listed after the ones above.
 app.registered_commands += service_app.registered_commands
+app.registered_commands += stream_app.registered_commands
 
 if __name__ == "__main__":
     app()

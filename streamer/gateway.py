@@ -88,6 +88,13 @@ class CallRegistry:
         return self.calls.get((tenant, call_id))
 
 
+def ids(call: LiveCall | None) -> dict[str, str]:
+    """Log tags: every line about a call carries its id (streamer/logs.py)."""
+    if call is None:
+        return {}
+    return {"call_id": call.session.call_id, "tenant": call.session.tenant, "protocol": call.session.protocol}
+
+
 def app_state(websocket: WebSocket) -> AppState:
     return websocket.app.state.vpmon
 
@@ -195,6 +202,8 @@ def public_url(websocket: WebSocket) -> str:
     that terminates TLS, else the Host header and the scheme the server saw."""
     base = app_state(websocket).settings.public_url
     if base:
+        # Twilio signs the wss:// URL it connects to; accept the setting written as https:// too.
+        base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         return base.rstrip("/") + websocket.url.path + _query(websocket)
     return str(websocket.url)
 
@@ -262,12 +271,7 @@ async def handle_events(state: AppState, protocol: CallProtocol, call: LiveCall 
 
 async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> None:
     if isinstance(event, ProtocolViolation):
-        log.warning(
-            "protocol violation on %s: %s (%d)",
-            call.session.call_id if call else "-",
-            event.reason,
-            event.code,
-        )
+        log.warning("protocol violation: %s (close %d)", event.reason, event.code, extra=ids(call))
         return
     if call is None:
         return
@@ -312,12 +316,12 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
         try:
             embedding = await task
         except VpmonError as exc:
-            log.warning("call %s: window not embedded: %s", call.session.call_id, exc)
+            log.warning("window not embedded: %s", exc, extra=ids(call))
             continue
         try:
             await publish(state, call, call.session.observe(window, embedding))
         except Exception:
-            log.exception("call %s: a verdict failed", call.session.call_id)
+            log.exception("a verdict failed", extra=ids(call))
             raise
 
 
@@ -347,6 +351,7 @@ async def start_call(
     session.start(started)
     call = LiveCall(session, protocol, websocket)
     state.calls.calls[key] = call
+    log.info("call started", extra=ids(call))
     await publish(state, call, [Output("call", session.describe())])
     # Who is the agent? In-band first; else a binding made through the API before the stream began.
     agent_id, agent_channel = started.agent_id, None
@@ -386,7 +391,8 @@ async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> Non
     session = call.session
     for output in outputs:
         if output.kind in ("alert", "notice"):
-            await state.feeds.add_alert(session.tenant, output.kind, output.data)
+            stream_id = await state.feeds.add_alert(session.tenant, output.kind, output.data)
+            log.warning("%s %s (%s)", output.kind, output.data.get("kind"), stream_id, extra=ids(call))
             call.protocol.send_alert(output.data)
         else:
             await state.feeds.add_verdict(session.tenant, output.kind, output.data)
@@ -417,9 +423,7 @@ async def drain(call: LiveCall, consumer: asyncio.Task[None], timeout: float = 3
     try:
         await asyncio.wait_for(consumer, timeout=timeout)
     except TimeoutError:
-        log.warning(
-            "call %s: verdicts of the last windows took over %.0f s; dropped", call.session.call_id, timeout
-        )
+        log.warning("the last windows' verdicts took over %.0f s; dropped", timeout, extra=ids(call))
 
 
 async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None] | None) -> None:
@@ -428,6 +432,12 @@ async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None]
     if consumer is not None:
         await drain(call, consumer)
     ended = session.end("stop")
+    log.info(
+        "call ended: %d alerts, %.1f s of agent speech",
+        session.alerts,
+        session.net_speech_seconds,
+        extra=ids(call),
+    )
     await state.feeds.add_verdict(session.tenant, ended.kind, ended.data)
     await state.feeds.set_call(session.tenant, session.call_id, session.describe(), ended=True)
 

@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 
 from streamer.auth import Role
 from streamer.protocols.twilio import twilio_signature
+from streamer.stream_client import CallAudio, StreamOptions, stream_call
 from tests.server_fixtures import RunningServer
 from verifier.audio import encode_mulaw, read_audio, resample, to_pcm16
 
@@ -339,3 +340,46 @@ def test_unbound_call_buffers_then_binds_mid_call(
     frames = asyncio.run(scenario())
     states = [f["state"] for f in frames if f["type"] == "verdict"]
     assert states[0] == "agent_unknown" and states[-1] == "verified"
+
+
+def test_audiohook_stereo_with_the_agent_bound_through_the_api(
+    vpmon_server: RunningServer, enrolled: dict, calls: dict, telephone_devset: Path
+) -> None:
+    """Genesys AudioHook: stereo PCMU, the agent on the internal channel, the customer (another voice)
+    on the external one; AudioHook names no agent, so the client binds it through the API first."""
+    customer = speech(telephone_devset, "tuxpaint_es", ENROL, 10)
+
+    def stereo(agent: np.ndarray) -> CallAudio:
+        length = max(len(agent), len(customer))
+        pair = np.stack(
+            [np.pad(customer, (0, length - len(customer))), np.pad(agent, (0, length - len(agent)))], 1
+        )
+        return CallAudio.from_samples(pair, 8000, "call")
+
+    def options(call_id: str) -> StreamOptions:
+        return StreamOptions(
+            "audiohook", vpmon_server.url, key=enrolled["monitor"], agent_id="agent-ca", call_id=call_id,
+            agent_channel=1, speed=0,
+        )  # fmt: skip
+
+    genuine_id, takeover_id = str(uuid.uuid4()), str(uuid.uuid4())
+    genuine = asyncio.run(stream_call(stereo(calls["genuine"]), options(genuine_id)))
+    assert genuine.ok and genuine.close_code == 1000, genuine
+    takeover = asyncio.run(stream_call(stereo(calls["takeover"]), options(takeover_id)))
+    assert takeover.ok and takeover.close_code == 1000, takeover
+
+    assert alerts_for(vpmon_server, enrolled["monitor"], genuine_id) == []
+    feed = alerts_for(vpmon_server, enrolled["monitor"], takeover_id)
+    assert [(a["kind"], a["agent_id"], a["protocol"]) for a in feed] == [
+        ("takeover", "agent-ca", "audiohook")
+    ]
+    with vpmon_server.client(enrolled["monitor"]) as client:
+        states = {c["call_id"]: c for c in client.get("/v1/calls").json()}
+    assert states[genuine_id]["state"] == "ended" and states[genuine_id]["alerts"] == 0
+    assert states[genuine_id]["net_speech_seconds"] > 10  # the agent's channel was heard, not silence
+
+
+def test_audiohook_wrong_key_is_a_disconnect(vpmon_server: RunningServer, calls: dict) -> None:
+    options = StreamOptions("audiohook", vpmon_server.url, key="vpk_wrong", speed=0)
+    result = asyncio.run(stream_call(CallAudio.from_samples(calls["genuine"][:8000], 8000), options))
+    assert not result.ok and "unauthorized" in (result.error or "")
