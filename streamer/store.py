@@ -205,6 +205,7 @@ def open_store(
     quantization: Quantization = "NOQUANT",
     ef: int | None = None,
     filter_ef: int | None = None,
+    large_tenant_ef: int = LARGE_TENANT_EF,
     index_name: str = DEFAULT_INDEX,
 ) -> VoiceprintStore:
     """The store on this server. ``auto`` picks vector sets whenever the server has them (Redis ≥ 8),
@@ -230,7 +231,11 @@ def open_store(
         )
     if backend == "vset":
         return VectorSetStore(
-            client, quantization=quantization, ef=ef or DEFAULT_VSET_EF, filter_ef=filter_ef
+            client,
+            quantization=quantization,
+            ef=ef or DEFAULT_VSET_EF,
+            filter_ef=filter_ef,
+            large_tenant_ef=large_tenant_ef,
         )
     return SearchIndexStore(client, ef_runtime=ef or DEFAULT_FT_EF_RUNTIME, index_name=index_name)
 
@@ -421,6 +426,7 @@ class VectorSetStore:
         quantization: Quantization = "NOQUANT",
         ef: int = DEFAULT_VSET_EF,
         filter_ef: int | None = None,
+        large_tenant_ef: int = LARGE_TENANT_EF,
     ) -> None:
         if quantization not in ("NOQUANT", "Q8", "BIN"):
             raise StoreError(f"unknown quantization {quantization!r}: use NOQUANT, Q8 or BIN")
@@ -429,6 +435,7 @@ class VectorSetStore:
         self.client = client
         self.quantization = quantization
         self.ef = ef
+        self.large_tenant_ef = large_tenant_ef  # the least EF for tenants over LARGE_TENANT voiceprints
         # Graph walks with a FILTER visit at most COUNT × 100 nodes unless told otherwise.
         self.filter_ef = filter_ef
         self.models = _TenantModel("vpmeta")
@@ -544,7 +551,7 @@ class VectorSetStore:
         if groups and min(sizes) == 0:
             return []  # some site or tag asked for has nobody
         args: list[Any] = ["VSIM", keys.vset, "FP32", query.tobytes(), "WITHSCORES", "WITHATTRIBS"]
-        ef = max(self.ef, k, LARGE_TENANT_EF if int(total) > LARGE_TENANT else 0)
+        ef = max(self.ef, k, self.large_tenant_ef if int(total) > LARGE_TENANT else 0)
         args += ["COUNT", k, "EF", ef]
         if groups:
             conditions = [f'.site == "{site}"'] if site is not None else []
