@@ -58,12 +58,12 @@ direction and make every other voiceprint look less similar than real voices do)
 real and synthetic, are printed and kept in the JSON. Caveat (see ../shared/DATA.md): same-speaker dev-set
 utterances come from one session per speaker, so real calls score lower against their own voiceprint.
 
-**Through the API** (optional: ``--api`` starts a ``vpmon serve`` and a Redis of its own; or point it at a
-running server with ``--api-url`` and friends; skipped with a note otherwise): the benchmark cannot know how the tenants of a server it did not start are laid out, so it loads the
-voiceprints itself, straight into the Redis that server uses (``--api-redis-url``), under
-``--api-tenant``, which must be empty (it is emptied again at the end unless ``--api-keep``); then it
-POSTs the queries to ``{api-url}/v1/search/by-embedding`` with ``Authorization: Bearer {api-key}`` and
-the body
+**Through the API** (optional: ``--api`` starts a ``vpmon serve`` and a Redis of its own, or
+``--api-url`` and friends point at a running server; skipped with a note otherwise). The benchmark
+cannot know how the tenants of a server it did not start are laid out, so it loads the voiceprints
+itself, straight into the Redis that server uses (``--api-redis-url``), under ``--api-tenant``, which
+must be empty (it is emptied again at the end unless ``--api-keep``); then it POSTs the queries to
+``{api-url}/v1/search/by-embedding`` with ``Authorization: Bearer {api-key}`` and the body
 ``{"embedding": [...], "model_id": ..., "top_k": 10, "site": null | "<site>"}``, expecting
 ``{"hits": [{"speaker_id": ..., "score": ...}, ...]}``, over one persistent httpx connection. The key
 must belong to that tenant. The same queries also go straight through the store on that Redis, so the
