@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ log = logging.getLogger("vpmon.gateway")
 router = APIRouter()
 
 CLOSE_MODEL_MISMATCH = 4009
+AUTH_FAILURE_DELAY_S = 0.5
+SIGNATURE_MEMORY_S = 20  # longer than a signature stays valid (max age 10 s + 3 s of clock skew)
 _WINDOW_QUEUE = 64  # windows waiting for embedding per call: ~3 minutes of speech at most
 
 
@@ -178,6 +181,10 @@ async def audiohook_stream(websocket: WebSocket) -> None:
                 secret,
                 time.time(),
             )
+            if auth_error is None and not await first_use(state, headers.get("signature", "")):
+                auth_error = "this signature was used before (a replayed request)"
+    if auth_error is not None:
+        await asyncio.sleep(AUTH_FAILURE_DELAY_S)  # as the reference server does: slows guessing down
     await websocket.accept()
     protocol = audiohook.AudioHookSession(
         session_id=headers["audiohook-session-id"],
@@ -185,6 +192,12 @@ async def audiohook_stream(websocket: WebSocket) -> None:
         organization_id=headers["audiohook-organization-id"],
     )
     await run_call(websocket, protocol, key.tenant if key is not None else None, "audiohook")
+
+
+async def first_use(state: AppState, signature: str) -> bool:
+    """True the first time a signature is seen (by any gateway) within its validity window."""
+    digest = hashlib.sha256(signature.encode()).hexdigest()
+    return bool(await state.redis.set(f"vpsig:{digest}", 1, nx=True, ex=SIGNATURE_MEMORY_S))
 
 
 def _valid_tenant(tenant: str) -> bool:

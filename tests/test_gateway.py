@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,14 @@ from websockets.asyncio.client import connect
 
 from streamer.auth import Role
 from streamer.protocols.twilio import twilio_signature
-from streamer.stream_client import CallAudio, StreamOptions, stream_call
+from streamer.stream_client import (
+    CallAudio,
+    StreamOptions,
+    StreamResult,
+    audiohook_signature_headers,
+    stream_call,
+    stream_url,
+)
 from tests.server_fixtures import RunningServer
 from verifier.audio import encode_mulaw, read_audio, resample, to_pcm16
 
@@ -383,3 +391,58 @@ def test_audiohook_wrong_key_is_a_disconnect(vpmon_server: RunningServer, calls:
     options = StreamOptions("audiohook", vpmon_server.url, key="vpk_wrong", speed=0)
     result = asyncio.run(stream_call(CallAudio.from_samples(calls["genuine"][:8000], 8000), options))
     assert not result.ok and "unauthorized" in (result.error or "")
+
+
+def test_audiohook_signed_upgrades_and_replays(
+    vpmon_server: RunningServer, enrolled: dict, calls: dict
+) -> None:
+    """With a client secret on the tenant, the upgrade must carry a valid HTTP message signature, once."""
+    secret = base64.b64encode(b"audiohook client secret of 32 b!").decode()
+    admin = vpmon_server.client(enrolled["admin"])
+    assert admin.patch("/v1/tenant", json={"audiohook_client_secret": secret}).json()[
+        "audiohook_client_secret_set"
+    ]
+    audio = CallAudio.from_samples(calls["genuine"][: 8000 * 3], 8000)
+    try:
+
+        def run(client_secret: str | None) -> StreamResult:
+            options = StreamOptions(
+                "audiohook", vpmon_server.url, key=enrolled["monitor"], audiohook_client_secret=client_secret,
+                speed=0,
+            )  # fmt: skip
+            return asyncio.run(stream_call(audio, options))
+
+        assert run(secret).ok
+        for wrong in (None, base64.b64encode(b"another secret, 32 bytes long!!!").decode()):
+            result = run(wrong)
+            assert not result.ok and "unauthorized" in (result.error or ""), result
+
+        # The same signed request twice: the second is a replay.
+        url = stream_url(vpmon_server.url, "audiohook")
+        session, organization = str(uuid.uuid4()), str(uuid.uuid4())
+        base = {
+            "Audiohook-Organization-Id": organization, "Audiohook-Session-Id": session,
+            "Audiohook-Correlation-Id": str(uuid.uuid4()), "X-API-KEY": enrolled["monitor"],
+        }  # fmt: skip
+        signed = base | audiohook_signature_headers(url, base, enrolled["monitor"], secret, int(time.time()))
+        opening = {
+            "version": "2", "id": session, "type": "open", "seq": 1, "serverseq": 0, "position": "PT0S",
+            "parameters": {
+                "organizationId": organization, "conversationId": str(uuid.uuid4()),
+                "participant": {"id": str(uuid.uuid4()), "ani": "", "aniName": "", "dnis": ""},
+                "media": [{"type": "audio", "format": "PCMU", "channels": ["external", "internal"],
+                           "rate": 8000}],
+            },
+        }  # fmt: skip
+
+        async def first_reply() -> dict:
+            async with connect(url, additional_headers=signed) as ws:
+                await ws.send(json.dumps(opening))
+                return json.loads(await ws.recv())
+
+        assert asyncio.run(first_reply())["type"] == "opened"
+        replayed = asyncio.run(first_reply())
+        assert (replayed["type"], replayed["parameters"]["reason"]) == ("disconnect", "unauthorized")
+    finally:
+        admin.patch("/v1/tenant", json={"audiohook_client_secret": ""})
+        admin.close()
