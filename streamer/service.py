@@ -9,7 +9,7 @@ worker threads, the CLI calls them directly. One code path for both.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -136,8 +136,7 @@ class VoiceprintService:
             )
         names = _unique_names(uploads)
         audios = {name: self.decode(upload) for name, upload in zip(names, uploads, strict=True)}
-        recordings = [Recording(name, a.samples, a.sample_rate) for name, a in audios.items()]
-        enrolment = enrol(self.embedder, recordings, self.policy, self.scorer, self.vad)
+        enrolment = self._enrol(audios)
         if retain_audio is None:
             retain_audio = self.tenants.get(tenant).retain_audio
         voiceprint = Voiceprint(
@@ -163,38 +162,20 @@ class VoiceprintService:
     def reembed(self, tenant: str, speaker_id: str) -> EnrolResult:
         """Rebuild a voiceprint from its retained audio with the current model (keeps its metadata)."""
         old = self.get(tenant, speaker_id)
-        audios = self.archive.load(tenant, speaker_id)
-        if not audios:
-            raise NotFoundError(
-                f"no retained audio for speaker {speaker_id!r} in tenant {tenant!r}: re-enrol it from "
-                "new recordings (audio is kept only when the tenant's retain_audio setting is on)"
-            )
-        recordings = [Recording(name, a.samples, a.sample_rate) for name, a in audios.items()]
-        enrolment = enrol(self.embedder, recordings, self.policy, self.scorer, self.vad)
-        voiceprint = Voiceprint(
-            tenant=tenant,
-            speaker_id=speaker_id,
-            vector=enrolment.vector,
-            model_id=enrolment.model_id,
-            site=old.site,
-            display_name=old.display_name,
-            tags=old.tags,
-            net_speech_seconds=round(enrolment.net_speech_seconds, 2),
-            quality=enrolment.quality(),
-            audio_retained=True,
-        )
-        if old.model_id != voiceprint.model_id:
-            # A tenant holds one model at a time: the caller re-embeds the whole tenant (reembed_tenant).
+        if old.model_id != self.model_id:
+            # A tenant holds one model at a time: move the whole tenant (reembed_tenant).
             raise ModelMismatchError(
                 f"speaker {speaker_id!r} was enrolled with {old.model_id!r}; re-embed the whole tenant "
-                f"to move it to {voiceprint.model_id!r} (vpmon reembed --tenant {tenant})"
+                f"to move it to {self.model_id!r} (vpmon reembed --tenant {tenant})"
             )
+        voiceprint, enrolment = self._rebuild(old)
         self.store.put(voiceprint)
         return EnrolResult(voiceprint, enrolment, replaced=True)
 
     def reembed_tenant(self, tenant: str) -> list[Voiceprint]:
         """Move a whole tenant to the current model. Every voiceprint needs retained audio; all new
-        vectors are computed before anything is replaced, so a failure leaves the tenant as it was."""
+        vectors are computed before anything is replaced, so a failure there leaves the tenant as it was
+        (a failure while writing leaves it to be re-run: the audio is still there)."""
         old = self.list_all(tenant)
         missing = [vp.speaker_id for vp in old if not self.archive.has(tenant, vp.speaker_id)]
         if missing:
@@ -203,28 +184,33 @@ class VoiceprintService:
                 f"({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}): "
                 "re-enrol them or delete them first"
             )
-        rebuilt = []
-        for vp in old:
-            audios = self.archive.load(tenant, vp.speaker_id)
-            recordings = [Recording(name, a.samples, a.sample_rate) for name, a in audios.items()]
-            enrolment = enrol(self.embedder, recordings, self.policy, self.scorer, self.vad)
-            rebuilt.append(
-                Voiceprint(
-                    tenant=tenant,
-                    speaker_id=vp.speaker_id,
-                    vector=enrolment.vector,
-                    model_id=enrolment.model_id,
-                    site=vp.site,
-                    display_name=vp.display_name,
-                    tags=vp.tags,
-                    net_speech_seconds=round(enrolment.net_speech_seconds, 2),
-                    quality=enrolment.quality(),
-                    audio_retained=True,
-                )
-            )
+        rebuilt = [self._rebuild(vp)[0] for vp in old]
         self.store.delete_tenant(tenant)
         self.store.put_many(rebuilt)
         return rebuilt
+
+    def _rebuild(self, old: Voiceprint) -> tuple[Voiceprint, Enrolment]:
+        """A voiceprint's retained audio → the same voiceprint (metadata kept) with the current model."""
+        audios = self.archive.load(old.tenant, old.speaker_id)
+        if not audios:
+            raise NotFoundError(
+                f"no retained audio for speaker {old.speaker_id!r} in tenant {old.tenant!r}: re-enrol it "
+                "from new recordings (audio is kept only when the tenant's retain_audio setting is on)"
+            )
+        enrolment = self._enrol(audios)
+        voiceprint = replace(
+            old,
+            vector=enrolment.vector,
+            model_id=enrolment.model_id,
+            net_speech_seconds=round(enrolment.net_speech_seconds, 2),
+            quality=enrolment.quality(),
+            audio_retained=True,
+        )
+        return voiceprint, enrolment
+
+    def _enrol(self, audios: dict[str, Audio]) -> Enrolment:
+        recordings = [Recording(name, a.samples, a.sample_rate) for name, a in audios.items()]
+        return enrol(self.embedder, recordings, self.policy, self.scorer, self.vad)
 
     # --- 1:1 and 1:N ----------------------------------------------------------------------------
     def verify(self, tenant: str, speaker_id: str, upload: Upload) -> tuple[Verdict, Voiceprint, Side]:

@@ -157,3 +157,18 @@ def test_config_masks_the_redis_password() -> None:
     settings = json.loads(shown.stdout)
     assert settings["redis_url"] == "redis://:***@db:6379/0" and settings["port"] == 9001
     assert "hunter2" not in shown.stdout
+
+
+def test_reembed_a_whole_tenant_from_retained_audio(
+    direct: dict[str, str], speakers: dict[str, list[Path]]
+) -> None:
+    vpmon("enroll", "kept", *map(str, speakers["tuxpaint_ca"][:6]), "--retain-audio", env=direct)
+    before = json.loads(vpmon("voiceprints", "list", "--json", env=direct).stdout)["voiceprints"]
+    assert vpmon("reembed", env=direct).stdout.strip() == "re-embedded 1 voiceprints with campplus-zh-en-16k"
+    after = json.loads(vpmon("voiceprints", "list", "--json", env=direct).stdout)["voiceprints"]
+    assert [vp["speaker_id"] for vp in after] == ["kept"] and after[0]["audio_retained"]
+    assert after[0]["net_speech_seconds"] == before[0]["net_speech_seconds"]
+
+    vpmon("enroll", "not-kept", *map(str, speakers["tuxpaint_ro"][:6]), "--no-retain-audio", env=direct)
+    refused = vpmon("reembed", env=direct, check=2)
+    assert "no retained audio" in refused.stderr and "not-kept" in refused.stderr
