@@ -23,13 +23,10 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from common import environment  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
 from verifier.calibration import packaged_calibration  # noqa: E402
@@ -323,35 +321,6 @@ def print_vad(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         table.add_row(row["setting"], percent(row["full"]), percent(row["3 s"]))
     console.print(table)
-
-
-def environment() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = (
-        [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        if cpuinfo.is_file()
-        else []
-    )
-    cpu = names[0].split(":", 1)[1].strip() if names else platform.processor()
-    packages = ("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank", "webrtcvad-wheels", "soxr")
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu,
-            "cpus": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-        },
-        "versions": versions,
-        "git": {"commit": git.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())},
-    }
 
 
 def main() -> None:

@@ -25,12 +25,9 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from common import environment  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
 from verifier.embedder import Embedder, l2_normalise  # noqa: E402
@@ -198,30 +196,6 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def environment() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    versions = {"python": platform.python_version()}
-    for name in ("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": names[0] if names else platform.processor(),
-            "cpus": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-        },
-        "versions": versions,
-        "git": {"commit": git.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())},
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,7 +208,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **environment(),
+        **environment(("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank")),
         "settings": {
             "window_seconds": WINDOW_SECONDS,
             "seconds_per_group": args.seconds,

