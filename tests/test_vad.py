@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from verifier.audio import read_audio, resample
+from verifier.audio import active_level_dbfs, read_audio, resample
 from verifier.vad import SpeechWindow, VadSegmenter, segment
 
 RATE = 16000
@@ -166,6 +166,20 @@ def test_silence_and_quiet_noise_give_no_windows() -> None:
     assert segment(silence(5.0)) == []
     noise = 10 ** (-40 / 20) * np.random.default_rng(3).standard_normal(5 * RATE)
     assert segment(noise.astype(np.float32)) == []
+
+
+def test_level_gate_drops_faint_crosstalk_and_keeps_speech(conversation: Conversation) -> None:
+    """The customer's voice bleeding faintly into the agent's channel is speech to webrtcvad, and would
+    be judged as another speaker; under the level gate it is no window at all."""
+    samples, _ = conversation
+    level = active_level_dbfs(samples)
+    crosstalk = (samples * 10 ** ((-60 - level) / 20)).astype(np.float32)  # at -60 dBFS
+    assert segment(crosstalk) != []  # the problem the gate solves
+    assert segment(crosstalk, min_frame_dbfs=-50.0) == []
+    # Speech itself keeps its windows (espeak's near-silent word gaps, which webrtcvad calls voiced, go).
+    gated = segment(samples, min_frame_dbfs=level - 30.0)
+    assert sum(w.speech_seconds for w in gated) >= 0.9 * sum(w.speech_seconds for w in segment(samples))
+    assert len(gated) == len(segment(samples))
 
 
 # ---------------------------------------------------------------------------------------------- streaming

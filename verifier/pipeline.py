@@ -20,6 +20,7 @@ from verifier.errors import AudioError
 from verifier.vad import SpeechWindow, segment
 
 SAMPLE_RATE = 16000
+TARGET_LEVEL_DBFS = -26.0  # what prepare_speech (and the live RunningLevel) bring active speech to
 Combine = Literal["average", "concatenate"]
 
 
@@ -30,6 +31,13 @@ class VadConfig:
     max_window: float = 3.0
     hangover_ms: int = 300
     min_speech_ratio: float = 0.6
+    # Frames this far below the normalised speech level (-26 dBFS) are never speech: line noise
+    # between turns. None: no gate (webrtcvad alone).
+    level_gate_db: float | None = None
+
+    @property
+    def min_frame_dbfs(self) -> float | None:
+        return None if self.level_gate_db is None else TARGET_LEVEL_DBFS - self.level_gate_db
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ def speech_windows(samples: np.ndarray, vad: VadConfig = VadConfig()) -> list[Sp
         max_window=vad.max_window,
         hangover_ms=vad.hangover_ms,
         min_speech_ratio=vad.min_speech_ratio,
+        min_frame_dbfs=vad.min_frame_dbfs,
     )
 
 

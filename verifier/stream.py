@@ -122,6 +122,7 @@ class AgentAudio:
             max_window=self.vad.max_window,
             hangover_ms=self.vad.hangover_ms,
             min_speech_ratio=self.vad.min_speech_ratio,
+            min_frame_dbfs=self.vad.min_frame_dbfs,
         )
         self.seconds_received = 0.0  # of agent audio, on the call's clock
 

@@ -49,6 +49,7 @@ class VadSegmenter:
         max_window: float = 3.0,
         hangover_ms: int = 300,
         min_speech_ratio: float = 0.6,
+        min_frame_dbfs: float | None = None,
     ) -> None:
         if sample_rate != TARGET_RATE:
             raise ValueError(
@@ -78,6 +79,10 @@ class VadSegmenter:
         self._min_frames = min(math.ceil(min_window * 1000 / frame_ms - 1e-9), self._max_frames)
         self._hangover_frames = hangover_ms // frame_ms
         self.aggressiveness = aggressiveness
+        # A level gate: a frame quieter than this is never speech, whatever webrtcvad says. webrtcvad
+        # adapts to its input's level and calls steady line noise speech; on level-normalised audio
+        # (speech at -26 dBFS) a gate far below speech removes those windows without touching speech.
+        self._min_frame_power = None if min_frame_dbfs is None else 10 ** (min_frame_dbfs / 10)
         self._reset()
 
     def _reset(self) -> None:
@@ -103,8 +108,13 @@ class VadSegmenter:
         frames = buffered[:whole].reshape(-1, self._frame_length)
         pcm = to_pcm16(frames)
         windows: list[SpeechWindow] = []
-        for frame, frame_pcm in zip(frames, pcm, strict=True):
-            voiced = self._vad.is_speech(frame_pcm.tobytes(), self.sample_rate)
+        loud = (
+            np.ones(len(frames), dtype=bool)
+            if self._min_frame_power is None
+            else np.mean(frames.astype(np.float64) ** 2, axis=1) >= self._min_frame_power
+        )
+        for frame, frame_pcm, loud_enough in zip(frames, pcm, loud, strict=True):
+            voiced = bool(loud_enough) and self._vad.is_speech(frame_pcm.tobytes(), self.sample_rate)
             window = self._step(frame, voiced)
             if window is not None:
                 windows.append(window)
