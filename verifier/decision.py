@@ -11,13 +11,13 @@ transition, and each transition is a ``Verdict``; an ``Alert`` is raised on ente
     WARMING_UP ──(net speech ≥ min)──▶ VERIFIED ◀──────────────────────────┐
          │                               │  ▲                            │ llr ≥ match_llr
          │                 llr < alert_llr │  │ llr ≥ match_llr          │ (recovery)
-         └───────────────────────────▶ SUSPECT ──(confirmations in a row)──▶ MISMATCH ─▶ Alert, once
+         └───────────────────────────▶ SUSPECT ──(confirmations)──▶ MISMATCH ─▶ Alert, once
 
 Between ``alert_llr`` and ``match_llr`` the state holds (hysteresis), so a score that wobbles around one
-threshold does not flap. One noisy window never pages: MISMATCH needs ``confirmations`` consecutive
-windows below ``alert_llr`` with the evidence of the last seconds. After an alert, a new alert for the
-same call needs the evidence to recover to VERIFIED first (a new takeover), and ``cooldown_seconds`` of
-speech since the last alert.
+threshold does not flap. One noisy window never pages: MISMATCH needs ``confirmations`` windows below
+``alert_llr`` with no verified window in between (windows in the band neither count nor reset). After
+an alert, a new alert for the same call needs the evidence to recover to VERIFIED first (a new
+takeover), and ``cooldown_seconds`` of speech since the last alert.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class DecisionPolicy:
     min_net_speech: float = 3.0  # before any verdict
     match_llr: float = 0.0  # evidence LLR at or above which the agent is verified
     alert_llr: float = -2.0  # evidence LLR below which the window counts against the agent
-    confirmations: int = 2  # consecutive windows below alert_llr before an alert
+    confirmations: int = 2  # windows below alert_llr, with no verified one between, before an alert
     cooldown_seconds: float = 60.0  # net speech between two alerts of one call
 
     def __post_init__(self) -> None:
@@ -132,7 +132,7 @@ class CallDecision:
         self.policy = policy
         self.evidence = Evidence(policy.evidence_seconds)
         self.state = State.WARMING_UP
-        self._below = 0  # consecutive windows below alert_llr
+        self._below = 0  # windows below alert_llr since the last verified one
         self._suspect_since: float | None = None
         self._speech_total = 0.0
         self._last_alert_at: float | None = None  # in total net speech
