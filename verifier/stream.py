@@ -31,6 +31,8 @@ Encoding = Literal["mulaw", "alaw", "pcm16"]
 _FRAME_SECONDS = 0.02
 _ACTIVITY_MARGIN = 10 ** (15.9 / 10)  # ITU-T P.56, as audio.active_level_dbfs
 _SILENCE_FLOOR = 10 ** (-70.0 / 10)
+_ABOVE_FLOOR = 10 ** (10.0 / 10)  # a speech frame is at least 10 dB above the noise floor
+_MIN_SPEECH_SECONDS = 0.5
 
 
 class RunningLevel:
@@ -80,11 +82,19 @@ class RunningLevel:
     def _estimate(self) -> float:
         powers = np.array(self._powers)
         powers = powers[powers > _SILENCE_FLOOR]
+        # Only frames clearly above the line's noise floor count as speech. Between turns the agent's
+        # channel carries line noise for seconds on end; counted as speech it would pull the level down
+        # and the gain up, and the VAD would then hear amplified noise as speech (benchmarks/takeover.py
+        # found a fifth of genuine windows made of line noise that way).
         if len(powers) == 0:
             return self._gain
-        level = float(np.percentile(powers, 95))
-        for _ in range(len(powers) + 1):  # the fixed point of audio.active_level_dbfs
-            new_level = float(powers[powers >= level / _ACTIVITY_MARGIN].mean())
+        floor = float(np.percentile(powers, 10))
+        speech = powers[powers >= floor * _ABOVE_FLOOR]
+        if len(speech) * _FRAME_SECONDS < _MIN_SPEECH_SECONDS:
+            return self._gain  # too little speech heard lately to say anything: hold the gain
+        level = float(np.percentile(speech, 95))
+        for _ in range(len(speech) + 1):  # the fixed point of audio.active_level_dbfs
+            new_level = float(speech[speech >= level / _ACTIVITY_MARGIN].mean())
             if new_level == level:
                 break
             level = new_level
