@@ -21,7 +21,7 @@ import numpy as np
 from streamer.protocols.events import AudioChunk, CallStarted
 from streamer.store import Voiceprint
 from verifier.calibration import Calibration
-from verifier.decision import CallDecision, DecisionPolicy, WindowVerdict
+from verifier.decision import LIVE_VAD, CallDecision, DecisionPolicy, WindowVerdict
 from verifier.pipeline import VadConfig
 from verifier.stream import AgentAudio
 from verifier.vad import SpeechWindow
@@ -54,7 +54,7 @@ class CallSession:
     model_id: str
     calibration: Calibration
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
-    vad: VadConfig = field(default_factory=VadConfig)
+    vad: VadConfig = field(default_factory=lambda: LIVE_VAD)
     unbound_speech_seconds: float = 60.0
     site: str | None = None
     agent_id: str | None = None

@@ -29,8 +29,13 @@ from enum import StrEnum
 import numpy as np
 
 from verifier.calibration import Calibration
-from verifier.pipeline import combine_embeddings
+from verifier.pipeline import VadConfig, combine_embeddings
 from verifier.scoring import cosine
+
+# Live calls use webrtcvad's mode 2, part of the setting the takeover sweep chose: on agent channels with
+# line noise between turns it keeps more noise out of the evidence; files (one speaker, little silence)
+# do slightly better with mode 1 (benchmarks/accuracy.py).
+LIVE_VAD = VadConfig(aggressiveness=2)
 
 
 class State(StrEnum):
@@ -42,11 +47,14 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class DecisionPolicy:
+    # Chosen from the sweep of benchmarks/takeover.py (README, "Takeover detection"): of 1080 settings,
+    # the fewest false alerts on the tuning split, then the most takeovers caught within 6 s; the
+    # held-out split agrees (1 false alert per hour of speech on both).
     evidence_seconds: float = 9.0  # net agent speech the evidence spans
     min_net_speech: float = 3.0  # before any verdict
-    match_llr: float = 0.0  # evidence LLR at or above which the agent is verified
-    alert_llr: float = -2.0  # evidence LLR below which the window counts against the agent
-    confirmations: int = 2  # windows below alert_llr, with no verified one between, before an alert
+    match_llr: float = 1.0  # evidence LLR at or above which the agent is verified
+    alert_llr: float = -4.0  # evidence LLR below which the window counts against the agent
+    confirmations: int = 3  # windows below alert_llr, with no verified one between, before an alert
     cooldown_seconds: float = 60.0  # net speech between two alerts of one call
 
     def __post_init__(self) -> None:
