@@ -24,17 +24,18 @@ from streamer.api import Monitor, state
 from streamer.feeds import alerts_key, binding_channel, binding_key, verdicts_key
 from streamer.gateway import apply_binding
 from streamer.state import AppState
-from streamer.store import check_speaker
+from streamer.store import SPEAKER_RE, check_speaker
 
 log = logging.getLogger("vpmon.calls")
 router = APIRouter()
 
 BINDING_TTL_SECONDS = 24 * 3600
-_CALL_ID = r"^[A-Za-z0-9_.@:+-]{1,128}$"
+# Call ids and agent ids share the speaker-id alphabet of the store.
+_CALL_ID = f"^{SPEAKER_RE.pattern}$"
 
 
 class AgentBinding(BaseModel):
-    agent_id: str = Field(pattern=r"^[A-Za-z0-9_.@:+-]{1,128}$")
+    agent_id: str = Field(pattern=_CALL_ID)
     agent_channel: int | None = Field(
         None, ge=0, le=7, description="Channel index of the agent, if not the default."
     )
@@ -99,8 +100,8 @@ async def bind_agent(
 
 
 async def _live_elsewhere(app: AppState, tenant: str, call_id: str) -> bool:
-    calls = {c["call_id"]: c for c in await app.feeds.calls(tenant)}
-    return call_id in calls and calls[call_id]["state"] != "ended"
+    call = await app.feeds.call(tenant, call_id)
+    return call is not None and call["state"] != "ended"
 
 
 @router.get("/v1/calls", tags=["calls"])

@@ -100,6 +100,10 @@ class Feeds:
         found = await self.client.hgetall(calls_key(tenant))
         return sorted((json.loads(v) for v in found.values()), key=lambda c: c.get("started_at", ""))
 
+    async def call(self, tenant: str, call_id: str) -> dict[str, Any] | None:
+        found = await self.client.hget(calls_key(tenant), call_id)
+        return None if found is None else json.loads(found)
+
     async def recent_alerts(self, tenant: str, count: int = 100) -> list[FeedEntry]:
         entries = await self.client.xrevrange(alerts_key(tenant), count=count)
         return [_entry(stream_id, fields) for stream_id, fields in entries]

@@ -46,7 +46,7 @@ from streamer.protocols.events import (
 )
 from streamer.session import CallSession, CallState, Output
 from streamer.state import AppState
-from streamer.store import check_speaker
+from streamer.store import TENANT_RE, check_speaker
 from verifier.errors import VpmonError
 from verifier.vad import SpeechWindow
 
@@ -105,10 +105,8 @@ def app_state(websocket: WebSocket) -> AppState:
 # --- authentication of the upgrade ------------------------------------------------------------------
 async def deny(websocket: WebSocket, status: int, detail: str) -> None:
     """Refuse the upgrade with an HTTP problem response (never a silent drop)."""
-    slug, title = problems._HTTP_TITLES.get(status, ("http-error", "HTTP error"))
-    response = problems.problem(status, slug, title, detail)
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="vpmon"'
+    challenge = {"WWW-Authenticate": 'Bearer realm="vpmon"'} if status == 401 else None
+    response = problems.http_problem(status, detail, challenge)
     await websocket.send_denial_response(response)
 
 
@@ -201,8 +199,6 @@ async def first_use(state: AppState, signature: str) -> bool:
 
 
 def _valid_tenant(tenant: str) -> bool:
-    from streamer.store import TENANT_RE
-
     return bool(TENANT_RE.fullmatch(tenant))
 
 

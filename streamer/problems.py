@@ -88,10 +88,15 @@ def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(503, "store-unavailable", "Voiceprint store unavailable", detail, {"Retry-After": "5"})
 
 
+def http_problem(status: int, detail: str | None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A problem for a plain HTTP status (401, 403, 404, …) with the type and title every route uses."""
+    slug, title = _HTTP_TITLES.get(status, ("http-error", "HTTP error"))
+    return problem(status, slug, title, detail or title, headers)
+
+
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    slug, title = _HTTP_TITLES.get(exc.status_code, ("http-error", "HTTP error"))
-    detail = exc.detail if isinstance(exc.detail, str) else title
-    return problem(exc.status_code, slug, title, detail, dict(exc.headers or {}))
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    return http_problem(exc.status_code, detail, dict(exc.headers or {}))
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
