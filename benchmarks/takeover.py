@@ -82,6 +82,7 @@ from verifier.embedder import Embedder  # noqa: E402
 from verifier.enrolment import DEFAULT_POLICY as ENROLMENT_POLICY  # noqa: E402
 from verifier.enrolment import EnrolmentError, Recording, check_recording, enrol  # noqa: E402
 from verifier.pipeline import VadConfig  # noqa: E402
+from verifier.scoring import cosine  # noqa: E402
 from verifier.stream import AgentAudio  # noqa: E402
 from verifier.vad import SpeechWindow  # noqa: E402
 
@@ -108,14 +109,17 @@ MIN_CALL_UTTERANCE_SECONDS = 6.0  # a voiceprint whose other utterances hold les
 DEFAULT_VAD = LIVE_VAD  # what the gateway uses (mode 2)
 VADS = (
     DEFAULT_VAD,
-    replace(DEFAULT_VAD, max_window=1.5),
+    replace(DEFAULT_VAD, max_window=2.0),
     replace(DEFAULT_VAD, aggressiveness=1),  # the file pipeline's mode
 )
-EVIDENCE_SECONDS = (3.0, 6.0, 9.0, 12.0)
-ALERT_LLRS = (0.0, -1.0, -2.0, -3.0, -4.0)
-MATCH_LLRS = (0.0, 1.0)
-CONFIRMATIONS = (1, 2, 3)
-MIN_NET_SPEECH = (2.0, 3.0, 5.0)
+# VadConfig.min_window_snr_db: windows too little above the line's noise floor are not scored. The gate
+# comes after segmentation, so gated windows are the ungated ones filtered (no audio pass of their own;
+# checked against a real pass in every run).
+WINDOW_SNR_GATES = (None, 4.0)
+EVIDENCE_SECONDS = (6.0, 9.0)  # the verdict's evidence (VERIFIED, the score shown); alerts do not use it
+WINDOW_LLR_LIMITS = (2.0, 3.0, 4.0, 6.0)
+ALLOWANCES = (0.0, 1.0, 2.0)
+ALERT_EVIDENCE = (6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 # The aim of the issue: >= 95 % of takeovers caught within 6 s of impostor speech (a p95 delay of at most
 # 6 s), <= 1 false alert per 10 h of genuine speech.
@@ -313,6 +317,9 @@ class SimCall:
     speech: np.ndarray  # net speech of each window (VAD)
     impostor: np.ndarray  # share of each window's span after the takeover
     on_utterance: np.ndarray  # share of each window's span over utterance audio (the rest: gap noise)
+    snr: (
+        np.ndarray
+    )  # each window's speech level over the line's noise floor (SpeechWindow.snr_db; nan: unknown)
     # Net speech counted in the metrics: VAD speech over utterance audio (speech · on_utterance); what the
     # VAD hears in the line noise between turns is not speech (the decision still sees it).
     embeddings: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
@@ -320,6 +327,21 @@ class SimCall:
     @property
     def genuine_seconds(self) -> float:
         return self.seconds if self.takeover is None else self.takeover
+
+
+def gated(call: SimCall, gate: float) -> SimCall:
+    """The windows ``AgentAudio`` passes with ``min_window_snr_db=gate`` (unknown SNR: kept)."""
+    keep = ~(call.snr < gate)
+    return replace(
+        call,
+        start=call.start[keep],
+        end=call.end[keep],
+        speech=call.speech[keep],
+        impostor=call.impostor[keep],
+        on_utterance=call.on_utterance[keep],
+        snr=call.snr[keep],
+        embeddings=call.embeddings[keep],
+    )
 
 
 def gap(rng: np.random.Generator) -> float:
@@ -478,6 +500,7 @@ class AudioPass:
                     np.array([w.speech_seconds for w in windows]),
                     after,
                     overlap(begin, end, spans),
+                    np.array([math.nan if w.snr_db is None else w.snr_db for w in windows]),
                     np.zeros((0, self.embedder.dim), np.float32),
                 )
                 out[vad].append(call)
@@ -506,23 +529,39 @@ def evidence_llrs(
     return out
 
 
+def window_llrs(calls: list[SimCall], calibration: Calibration) -> list[np.ndarray]:
+    """Each window's own LLR, as ``CallDecision.observe`` computes it (the CUSUM's input)."""
+    return [
+        np.array(
+            [
+                float(
+                    calibration.llr(cosine(np.asarray(call.plan.voiceprint.vector, np.float32), e), float(s))
+                )
+                for e, s in zip(call.embeddings, call.speech, strict=True)
+            ]
+        )
+        for call in calls
+    ]
+
+
 STATE_CODE = {State.WARMING_UP: 0, State.VERIFIED: 1, State.SUSPECT: 2, State.MISMATCH: 3}
 STATES = tuple(STATE_CODE)
 
 
 def replay(
-    call: SimCall, llrs: np.ndarray, policy: DecisionPolicy, calibration: Calibration
+    call: SimCall, llrs: np.ndarray, wllrs: np.ndarray, policy: DecisionPolicy, calibration: Calibration
 ) -> tuple[list[int], list[int]]:
     """States after each window and the windows that raised alerts, from ``CallDecision``'s own
-    transition (``_step``) fed with precomputed evidence LLRs: what ``observe`` does after scoring."""
+    transition (``_step``) fed with precomputed evidence and window LLRs: what ``observe`` does after
+    scoring."""
     decision = CallDecision(call.plan.voiceprint.vector, calibration, "replay", policy)
     states: list[int] = []
     alerts: list[int] = []
-    for i, (llr, speech, start) in enumerate(
-        zip(llrs.tolist(), call.speech.tolist(), call.start.tolist(), strict=True)
+    for i, (llr, wllr, speech, start) in enumerate(
+        zip(llrs.tolist(), wllrs.tolist(), call.speech.tolist(), call.start.tolist(), strict=True)
     ):
         decision._speech_total += speech
-        if decision._speech_total >= policy.min_net_speech and decision._step(llr, start) is not None:
+        if decision._step(llr, wllr, start) is not None:
             alerts.append(i)
         states.append(STATE_CODE[decision.state])
     return states, alerts
@@ -554,7 +593,11 @@ SEX: dict[str, str] = {}  # speaker → M / F, from the dev sets' speakers.tsv
 
 
 def evaluate(
-    calls: list[SimCall], llrs: list[np.ndarray], policy: DecisionPolicy, calibration: Calibration
+    calls: list[SimCall],
+    llrs: list[np.ndarray],
+    wllrs: list[np.ndarray],
+    policy: DecisionPolicy,
+    calibration: Calibration,
 ) -> dict[str, Any]:
     speech_delays: list[float] = []
     call_delays: list[float] = []
@@ -568,8 +611,8 @@ def evaluate(
     suspect_calls = 0
     first_speech: list[float] = []
     first_time: list[float] = []
-    for call, llr in zip(calls, llrs, strict=True):
-        states, alerts = replay(call, llr, policy, calibration)
+    for call, llr, wllr in zip(calls, llrs, wllrs, strict=True):
+        states, alerts = replay(call, llr, wllr, policy, calibration)
         codes = np.array(states, dtype=np.int64)
         genuine = call.impostor == 0
         genuine_speech += float((call.speech * call.on_utterance)[genuine].sum())
@@ -627,9 +670,12 @@ def evaluate(
 
 
 def vad_label(vad: VadConfig) -> str:
-    """``win 3 vad 1``, and ``gate 20`` when the VAD's level gate is on."""
-    gate = getattr(vad, "level_gate_db", None)
-    return f"win {vad.max_window:g} vad {vad.aggressiveness}" + ("" if gate is None else f" gate {gate:g}")
+    """``win 3 vad 1``, ``gate 20`` when the VAD's level gate is on, ``snr 4`` with the window gate."""
+    return (
+        f"win {vad.max_window:g} vad {vad.aggressiveness}"
+        + ("" if vad.level_gate_db is None else f" gate {vad.level_gate_db:g}")
+        + ("" if vad.min_window_snr_db is None else f" snr {vad.min_window_snr_db:g}")
+    )
 
 
 @dataclass(frozen=True)
@@ -642,17 +688,18 @@ class Setting:
         return (
             self.vad,
             p.evidence_seconds,
-            p.alert_llr,
+            p.window_llr_limit,
+            p.allowance,
+            p.alert_evidence,
             p.match_llr,
-            p.confirmations,
             p.min_net_speech,
         )
 
     def label(self) -> str:
         p = self.policy
         return (
-            f"{vad_label(self.vad)} | ev {p.evidence_seconds:g} | alert {p.alert_llr:g} | match "
-            f"{p.match_llr:g} | conf {p.confirmations} | min {p.min_net_speech:g}"
+            f"{vad_label(self.vad)} | ev {p.evidence_seconds:g} | limit {p.window_llr_limit:g} | allowance "
+            f"{p.allowance:g} | alert {p.alert_evidence:g} | match {p.match_llr:g} | min {p.min_net_speech:g}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -664,20 +711,19 @@ DEFAULT = Setting(DEFAULT_VAD, DEFAULT_DECISION)
 
 def grid(vads: tuple[VadConfig, ...]) -> list[Setting]:
     settings = []
-    for vad, span, alert, match, confirmations, minimum in product(
-        vads, EVIDENCE_SECONDS, ALERT_LLRS, MATCH_LLRS, CONFIRMATIONS, MIN_NET_SPEECH
+    for vad, gate, span, limit, allowance, alert in product(
+        vads, WINDOW_SNR_GATES, EVIDENCE_SECONDS, WINDOW_LLR_LIMITS, ALLOWANCES, ALERT_EVIDENCE
     ):
-        if alert > match:
-            continue
+        if alert <= limit - allowance:
+            continue  # one window could raise an alert: DecisionPolicy refuses it
         policy = replace(
             DEFAULT_DECISION,
             evidence_seconds=span,
-            alert_llr=alert,
-            match_llr=match,
-            confirmations=confirmations,
-            min_net_speech=minimum,
+            window_llr_limit=limit,
+            allowance=allowance,
+            alert_evidence=alert,
         )
-        settings.append(Setting(vad, policy))
+        settings.append(Setting(replace(vad, min_window_snr_db=gate), policy))
     if DEFAULT not in settings:
         settings.append(DEFAULT)
     return settings
@@ -717,20 +763,27 @@ class Split:
         self.seconds["enrolment_and_plans"] += time.perf_counter() - start
         self.calls: dict[VadConfig, list[SimCall]] = {}
         self.llrs: dict[tuple[VadConfig, float], list[np.ndarray]] = {}
+        self.window_llrs: dict[VadConfig, list[np.ndarray]] = {}
         self.results: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def add_windows(self, vads: tuple[VadConfig, ...]) -> None:
-        vads = tuple(vad for vad in dict.fromkeys(vads) if vad not in self.calls)
-        if not vads:
-            return
-        audio = AudioPass(self.embedder)
-        self.calls.update(audio.run(self.plans, vads))
-        for key, spent in audio.seconds.items():
-            self.seconds[key] += spent
-        for key, count in audio.windows.items():
-            self.window_counts[key] += count
+        """Windows for each VAD setting: an audio pass for each ungated one, then the gated ones."""
+        ungated = tuple(replace(vad, min_window_snr_db=None) for vad in vads)
+        todo = tuple(vad for vad in dict.fromkeys(ungated) if vad not in self.calls)
+        if todo:
+            audio = AudioPass(self.embedder)
+            self.calls.update(audio.run(self.plans, todo))
+            for key, spent in audio.seconds.items():
+                self.seconds[key] += spent
+            for key, count in audio.windows.items():
+                self.window_counts[key] += count
+        for vad in vads:
+            if vad not in self.calls:
+                base = self.calls[replace(vad, min_window_snr_db=None)]
+                self.calls[vad] = [gated(call, vad.min_window_snr_db) for call in base]
 
-    def llrs_for(self, setting: Setting) -> list[np.ndarray]:
+    def llrs_for(self, setting: Setting) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The evidence LLRs (per evidence span) and the windows' own LLRs of the setting's calls."""
         key = setting.vad, setting.policy.evidence_seconds
         if key not in self.llrs:
             self.add_windows((setting.vad,))
@@ -738,28 +791,47 @@ class Split:
             self.llrs[key] = evidence_llrs(
                 self.calls[setting.vad], self.calibration, self.embedder.model_id, key[1]
             )
+            if setting.vad not in self.window_llrs:
+                self.window_llrs[setting.vad] = window_llrs(self.calls[setting.vad], self.calibration)
             self.seconds["evidence_llrs"] += time.perf_counter() - start
-        return self.llrs[key]
+        return self.llrs[key], self.window_llrs[setting.vad]
 
     def evaluate(self, settings: list[Setting]) -> None:
         for setting in settings:
             if setting.key() not in self.results:
-                llrs = self.llrs_for(setting)
+                llrs, wllrs = self.llrs_for(setting)
                 start = time.perf_counter()
                 calls = self.calls[setting.vad]
-                self.results[setting.key()] = evaluate(calls, llrs, setting.policy, self.calibration)
+                self.results[setting.key()] = evaluate(calls, llrs, wllrs, setting.policy, self.calibration)
                 self.seconds["sweep"] += time.perf_counter() - start
+
+    def check_gate(self, vad: VadConfig, calls: int = 8) -> dict[str, Any]:
+        """The filtered windows of a gated VAD setting vs a real pass of ``AgentAudio`` with the gate."""
+        differing = 0
+        for plan, call in zip(self.plans[:calls], self.calls[vad], strict=False):
+            payload = encode_mulaw(synthesise(plan)[0])
+            stream = AgentAudio("mulaw", RATE, vad=vad)
+            windows = [
+                w
+                for o in range(0, len(payload), CHUNK_BYTES)
+                for w in stream.feed(payload[o : o + CHUNK_BYTES])
+            ]
+            windows += stream.flush()
+            differing += [(w.start, w.end) for w in windows] != list(zip(call.start, call.end, strict=True))
+        if differing:
+            raise SystemExit(f"gated windows differ from a real pass on {differing} calls ({vad_label(vad)})")
+        return {"vad": asdict(vad), "calls": min(calls, len(self.plans)), "calls_differing": differing}
 
     def cross_check(self, settings: list[Setting]) -> list[dict[str, Any]]:
         """Replay vs full ``observe``: the same state after every window and the same alerts."""
         out = []
         for setting in dict.fromkeys(settings):
-            llrs = self.llrs_for(setting)
+            llrs, wllrs = self.llrs_for(setting)
             calls = self.calls[setting.vad]
             differing = sum(
-                replay(call, llr, setting.policy, self.calibration)
+                replay(call, llr, wllr, setting.policy, self.calibration)
                 != observe_all(call, setting.policy, self.calibration, self.embedder.model_id)
-                for call, llr in zip(calls, llrs, strict=True)
+                for call, llr, wllr in zip(calls, llrs, wllrs, strict=True)
             )
             out.append({"setting": setting.to_dict(), "calls": len(calls), "calls_differing": differing})
             if differing:
@@ -903,10 +975,9 @@ COLUMNS = (
     "win",
     "vad",
     "ev",
+    "limit",
+    "allow",
     "alert",
-    "match",
-    "conf",
-    "min",
     "caught %",
     "of them by noise %",
     f"≤{AIM_SPEECH_SECONDS:g} s %",
@@ -930,12 +1001,12 @@ def row_cells(mark: str, setting: Setting, r: dict[str, Any]) -> list[str]:
         mark,
         f"{setting.vad.max_window:g}",
         str(setting.vad.aggressiveness)
-        + ("" if getattr(setting.vad, "level_gate_db", None) is None else f" g{setting.vad.level_gate_db:g}"),
+        + ("" if setting.vad.level_gate_db is None else f" g{setting.vad.level_gate_db:g}")
+        + ("" if setting.vad.min_window_snr_db is None else f" s{setting.vad.min_window_snr_db:g}"),
         f"{p.evidence_seconds:g}",
-        f"{p.alert_llr:g}",
-        f"{p.match_llr:g}",
-        str(p.confirmations),
-        f"{p.min_net_speech:g}",
+        f"{p.window_llr_limit:g}",
+        f"{p.allowance:g}",
+        f"{p.alert_evidence:g}",
         f"{100 * r['caught']:.1f}",
         f"{100 * r['caught_by_a_line_noise_window']:.0f}",
         f"{100 * r['caught_within_aim']:.1f}",
@@ -1006,20 +1077,18 @@ def compact_rows(rows: list[Row], vads: tuple[VadConfig, ...]) -> dict[str, Any]
         "columns": [
             "vad (index into vads)",
             "evidence_seconds",
-            "alert_llr",
-            "match_llr",
-            "confirmations",
-            "min_net_speech",
+            "window_llr_limit",
+            "allowance",
+            "alert_evidence",
             *ALL_COLUMNS,
         ],
         "rows": [
             [
                 vads.index(s.vad),
                 s.policy.evidence_seconds,
-                s.policy.alert_llr,
-                s.policy.match_llr,
-                s.policy.confirmations,
-                s.policy.min_net_speech,
+                s.policy.window_llr_limit,
+                s.policy.allowance,
+                s.policy.alert_evidence,
                 *(number(r[c]) for c in ALL_COLUMNS),
             ]
             for s, r in rows
@@ -1111,11 +1180,11 @@ def main() -> None:
                 },
                 "sweep": {
                     "vad": [asdict(v) for v in vads],
+                    "window_snr_gates_db": WINDOW_SNR_GATES,
                     "evidence_seconds": EVIDENCE_SECONDS,
-                    "alert_llr": ALERT_LLRS,
-                    "match_llr": MATCH_LLRS,
-                    "confirmations": CONFIRMATIONS,
-                    "min_net_speech": MIN_NET_SPEECH,
+                    "window_llr_limit": WINDOW_LLR_LIMITS,
+                    "allowance": ALLOWANCES,
+                    "alert_evidence": ALERT_EVIDENCE,
                 },
             }
         ),
@@ -1125,7 +1194,7 @@ def main() -> None:
     # Tuning split: every setting.
     tune = Split("tuning", args.tune_seed, embedder, sizes, args.gap_noise_db)
     settings = grid(vads)
-    tune.add_windows(vads)
+    tune.add_windows(tuple(dict.fromkeys(s.vad for s in settings)))
     tune.evaluate(settings)
     rows = [(s, tune.results[s.key()]) for s in settings]
     chosen, met, within = recommend(rows)
@@ -1140,6 +1209,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     spot = [settings[i] for i in rng.choice(len(settings), 3, replace=False)]
     checks = tune.cross_check([DEFAULT, chosen, *spot]) + holdout.cross_check([DEFAULT, chosen])
+    gated_vads = [v for v in dict.fromkeys(s.vad for s in (DEFAULT, chosen, *spot)) if v.min_window_snr_db]
+    gate_checks = [
+        tune.check_gate(v)
+        for v in gated_vads or [replace(DEFAULT_VAD, min_window_snr_db=WINDOW_SNR_GATES[-1])]
+    ]
 
     # --- print
     described = {split.name: split.describe() for split in (tune, holdout)}
@@ -1184,8 +1258,8 @@ def main() -> None:
     ranked = [DEFAULT] + [s for s in settings if changes(s) == 1]
     print_rows(
         f"Tuning split (seed {tune.seed}): the default (*) and one parameter changed at a time (→ = "
-        "recommended; win = VadConfig.max_window, vad = aggressiveness, ev = evidence_seconds, alert / match "
-        "= alert_llr / match_llr, conf = confirmations, min = min_net_speech)",
+        "recommended; win = VadConfig.max_window, vad = aggressiveness (s4: min_window_snr_db 4), ev = "
+        "evidence_seconds, limit = window_llr_limit, allow = allowance, alert = alert_evidence)",
         [
             ("* " if s == DEFAULT else ("→ " if s == chosen else "  "), s, tune.results[s.key()])
             for s in ranked
@@ -1236,7 +1310,7 @@ def main() -> None:
     report["tuning"] = {
         "one_at_a_time": [result_row(s, tune.results[s.key()]) for s in ranked],
         "pareto_front": [result_row(s, r) for s, r in front],
-        "all": compact_rows(rows, vads),
+        "all": compact_rows(rows, tuple(dict.fromkeys(s.vad for s in settings))),
     }
     report["held_out"] = [result_row(s, r) for _, s, r in held_rows]
     report["recommended"] = {
@@ -1248,6 +1322,7 @@ def main() -> None:
         "held_out": result_row(chosen, chosen_h),
     }
     report["replay_cross_check"] = checks
+    report["gate_cross_check"] = gate_checks
     report["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)

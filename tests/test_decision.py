@@ -13,6 +13,7 @@ from verifier.calibration import packaged_calibration
 from verifier.decision import CallDecision, DecisionPolicy, Evidence, State
 from verifier.embedder import Embedder
 from verifier.errors import AudioError
+from verifier.pipeline import VadConfig
 from verifier.stream import AgentAudio
 
 MODEL = "campplus-zh-en-16k"
@@ -135,27 +136,82 @@ def test_genuine_call_then_takeover_raises_exactly_one_alert(real_windows: dict[
     assert len(alerts) == 1, [v.state for v in taken]
     assert alerts[0].impostor_since >= t
     assert taken[-1].state is State.MISMATCH
-    assert alerts[0].verdict.llr < DecisionPolicy().alert_llr
+    assert alerts[0].verdict.impostor_evidence >= DecisionPolicy().alert_evidence
+    # The alert names where the run of windows against the agent began: the impostor's first windows.
+    first_against = next(v for v in taken if v.impostor_evidence > 0)
+    assert alerts[0].impostor_since <= first_against.media_end
+
+
+def synthetic_decision(**policy: float) -> tuple[CallDecision, np.ndarray, np.ndarray]:
+    """A decision with a random voiceprint, a window near it (the agent) and one far from it."""
+    rng = np.random.default_rng(1)
+    voiceprint = unit(rng.standard_normal(192))
+    defaults = {
+        "evidence_seconds": 2.0,
+        "min_net_speech": 2.0,
+        "window_llr_limit": 4.0,
+        "allowance": 0.0,
+        "alert_evidence": 6.0,
+    }
+    decision = CallDecision(
+        voiceprint, packaged_calibration(MODEL), MODEL, DecisionPolicy(**{**defaults, **policy})
+    )
+    near = unit(voiceprint + 0.3 * unit(rng.standard_normal(192)))
+    far = unit(rng.standard_normal(192))
+    return decision, near, far
+
+
+def feed(decision: CallDecision, windows: list[np.ndarray], t0: float = 0.0):
+    return [decision.observe(e, 2.0, t0 + 3.0 * i, t0 + 3.0 * i + 2.0) for i, e in enumerate(windows)]
 
 
 def test_one_bad_window_never_alerts() -> None:
-    """Confirmations: a single window below the alert line moves to SUSPECT, the next good one back."""
-    rng = np.random.default_rng(1)
-    voiceprint = unit(rng.standard_normal(192))
-    calibration = packaged_calibration(MODEL)
-    policy = DecisionPolicy(evidence_seconds=2.0, min_net_speech=2.0, confirmations=2)
-    decision = CallDecision(voiceprint, calibration, MODEL, policy)
-    near = unit(voiceprint + 0.3 * unit(rng.standard_normal(192)))
-    far = unit(rng.standard_normal(192))
-    states = [
-        decision.observe(e, 2.0, i * 3.0, i * 3.0 + 2.0)[0].state for i, e in enumerate([near, far, near])
-    ]
-    assert states == [State.VERIFIED, State.SUSPECT, State.VERIFIED]
-    second = [decision.observe(far, 2.0, 9.0 + i * 3, 11.0 + i * 3) for i in range(3)]
+    """A window counts at most window_llr_limit; the alert needs more than one window's worth."""
+    decision, near, far = synthetic_decision()
+    out = feed(decision, [near, far, near])
+    assert [v.state for v, _ in out] == [State.VERIFIED, State.SUSPECT, State.VERIFIED]
+    assert out[1][0].window_llr < -4.0 and out[1][0].impostor_evidence == pytest.approx(4.0)
+    assert out[2][0].impostor_evidence == 0.0  # the agent's next window paid it back
+    second = feed(decision, [far, far, far], t0=9.0)
     assert [v.state for v, _ in second] == [State.SUSPECT, State.MISMATCH, State.MISMATCH]
     assert [a is not None for _, a in second] == [False, True, False]
+    assert second[1][1].impostor_since == 9.0  # the first window of the run against the agent
+
+
+def test_recovery_then_a_new_takeover_alerts_again_after_the_cooldown() -> None:
+    decision, near, far = synthetic_decision(cooldown_seconds=10.0)
+    out = feed(decision, [near, far, far, far])
+    assert sum(a is not None for _, a in out) == 1
+    back = feed(decision, [near], t0=12.0)
+    assert back[0][0].state is State.VERIFIED and back[0][0].impostor_evidence == 0.0
+    # 2 s of speech since the alert: a second takeover within the cooldown is SUSPECT, not paged.
+    soon = feed(decision, [far, far], t0=15.0)
+    assert [v.state for v, _ in soon] == [State.SUSPECT, State.SUSPECT]
+    assert all(a is None for _, a in soon)
+    later = feed(decision, [near, near, far, far], t0=21.0)  # 10 s of speech since the alert
+    assert [a is not None for _, a in later] == [False, False, False, True]
+
+
+def test_windows_of_line_noise_are_measured_and_can_be_gated(telephone_devset: Path) -> None:
+    """Every live window carries its speech level over the line's noise floor; min_window_snr_db drops
+    windows below it (counted), before any embedding is spent on them."""
+    rng = np.random.default_rng(3)
+    speech = speaker_audio(telephone_devset, "tuxpaint_ca", 4)
+    noise = (0.01 * rng.standard_normal(8000 * 8)).astype(np.float32)  # 8 s of hiss, about -40 dBFS
+    line = np.concatenate([speech[: len(speech) // 2], noise, speech[len(speech) // 2 :]])
+    line = line + (0.01 * rng.standard_normal(len(line))).astype(np.float32)
+    payload = encode_mulaw(line)
+    measured = windows_of(AgentAudio("mulaw", 8000), payload, 160)
+    assert measured and all(w.snr_db is not None for w in measured[1:])
+    gate = sorted(w.snr_db for w in measured if w.snr_db is not None)[len(measured) // 2]
+    stream = AgentAudio("mulaw", 8000, vad=VadConfig(min_window_snr_db=gate))
+    kept = windows_of(stream, payload, 160)
+    assert [w.start for w in kept] == [w.start for w in measured if w.snr_db is None or w.snr_db >= gate]
+    assert stream.windows_too_noisy == len(measured) - len(kept) > 0
 
 
 def test_policy_is_checked() -> None:
-    with pytest.raises(ValueError, match="alert_llr"):
-        DecisionPolicy(match_llr=-1.0, alert_llr=0.0)
+    with pytest.raises(ValueError, match="one window"):
+        DecisionPolicy(window_llr_limit=6.0, allowance=0.0, alert_evidence=6.0)
+    with pytest.raises(ValueError, match="allowance"):
+        DecisionPolicy(allowance=-1.0)

@@ -1,23 +1,31 @@
 """Is the agent still the agent? Evidence accumulated over windows, and a decision with hysteresis.
 
-Per call and per agent, windows' embeddings go into an ``Evidence`` buffer that keeps the last
-``evidence_seconds`` of net speech; their speech-weighted mean is scored against the agent's voiceprint
-and calibrated by the amount of speech (the Foundation's accumulation table: averaging window embeddings
-does as well as re-embedding the joined audio, and EER falls with every doubling of speech).
+Two statistics per call and agent, both in calibrated log-likelihood ratios (LLR > 0: the agent):
+
+* the **evidence**: the speech-weighted mean of the embeddings of the last ``evidence_seconds`` of net
+  speech, scored against the voiceprint and calibrated by its amount of speech (the Foundation's
+  accumulation table: averaging window embeddings does as well as re-embedding the joined audio). It is
+  what a verdict shows, and it decides VERIFIED: a steady, slow view of who is talking.
+* the **impostor evidence**: a CUSUM (Page, 1954) of the windows' own LLRs, ``g ← max(0, g − clip(llr) −
+  allowance)``, the sequential test for a change of speaker. Windows against the agent add up, windows
+  for the agent pay it back down to zero, so a takeover is caught as soon as the new voice has said
+  enough, however long the agent spoke before; an average over a span has to wait until the impostor
+  fills most of it. Each window counts at most ``window_llr_limit`` (one window, however bad, never
+  pages), and ``allowance`` is what a window may score against the agent for free (genuine windows of
+  line noise or a cough score low now and then). The alert is raised when ``g`` reaches
+  ``alert_evidence`` (benchmarks/takeover.py chose the values; README, "Takeover detection").
 
 ``CallDecision`` is an explicit state machine (in the style of h11): every window moves it by one
 transition, and each transition is a ``Verdict``; an ``Alert`` is raised on entering MISMATCH only.
 
-    WARMING_UP ──(net speech ≥ min)──▶ VERIFIED ◀──────────────────────────┐
-         │                               │  ▲                            │ llr ≥ match_llr
-         │                 llr < alert_llr │  │ llr ≥ match_llr          │ (recovery)
-         └───────────────────────────▶ SUSPECT ──(confirmations)──▶ MISMATCH ─▶ Alert, once
+    WARMING_UP ──(net speech ≥ min)──▶ VERIFIED ◀───────────────────────────────────┐
+         │                               │  ▲                                     │ evidence ≥ match_llr
+         │          g ≥ alert_evidence/2 │  │ evidence ≥ match_llr, g small       │ (recovery)
+         └───────────────────────────▶ SUSPECT ──(g ≥ alert_evidence)──▶ MISMATCH ─▶ Alert, once
 
-Between ``alert_llr`` and ``match_llr`` the state holds (hysteresis), so a score that wobbles around one
-threshold does not flap. One noisy window never pages: MISMATCH needs ``confirmations`` windows below
-``alert_llr`` with no verified window in between (windows in the band neither count nor reset). After
-an alert, a new alert for the same call needs the evidence to recover to VERIFIED first (a new
-takeover), and ``cooldown_seconds`` of speech since the last alert.
+Below ``match_llr`` and short of SUSPECT the state holds (hysteresis), so a score that wobbles around one
+threshold does not flap. After an alert, a new alert for the same call needs the evidence to recover to
+VERIFIED first (a new takeover), and ``cooldown_seconds`` of speech since the last alert.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ from verifier.calibration import Calibration
 from verifier.pipeline import VadConfig, combine_embeddings
 from verifier.scoring import cosine
 
-# Live calls use webrtcvad's mode 2, part of the setting the takeover sweep chose: on agent channels with
-# line noise between turns it keeps more noise out of the evidence; files (one speaker, little silence)
-# do slightly better with mode 1 (benchmarks/accuracy.py).
-LIVE_VAD = VadConfig(aggressiveness=2)
+# Live calls use webrtcvad's mode 2 and skip windows less than 4 dB above the line's noise floor, part of
+# the setting the takeover sweep chose: on agent channels with line noise between turns they keep more
+# noise out of the evidence; files (one speaker, little silence) do slightly better with mode 1
+# (benchmarks/accuracy.py).
+LIVE_VAD = VadConfig(aggressiveness=2, min_window_snr_db=4.0)
 
 
 class State(StrEnum):
@@ -47,21 +56,31 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    # Chosen from the sweep of benchmarks/takeover.py (README, "Takeover detection"): of 1080 settings,
-    # the fewest false alerts on the tuning split, then the most takeovers caught within 6 s; the
-    # held-out split agrees (1 false alert per hour of speech on both).
-    evidence_seconds: float = 9.0  # net agent speech the evidence spans
+    # Chosen from the sweep of benchmarks/takeover.py (README, "Takeover detection"): no false alert on
+    # the tuning split, then the most takeovers caught within 6 s of impostor speech.
+    evidence_seconds: float = 9.0  # net agent speech the evidence (the verdict's score) spans
     min_net_speech: float = 3.0  # before any verdict
     match_llr: float = 1.0  # evidence LLR at or above which the agent is verified
-    alert_llr: float = -4.0  # evidence LLR below which the window counts against the agent
-    confirmations: int = 3  # windows below alert_llr, with no verified one between, before an alert
+    window_llr_limit: float = 4.0  # a window's LLR counts at most this much, either way
+    allowance: float = 1.0  # a window LLR this far below zero does not count against the agent
+    alert_evidence: float = 10.0  # impostor evidence (the CUSUM, in LLR) that raises the alert
     cooldown_seconds: float = 60.0  # net speech between two alerts of one call
 
     def __post_init__(self) -> None:
-        if self.alert_llr > self.match_llr:
-            raise ValueError("alert_llr must not be above match_llr (the band between is the hysteresis)")
-        if self.confirmations < 1 or self.evidence_seconds <= 0 or self.min_net_speech < 0:
-            raise ValueError("confirmations ≥ 1, evidence_seconds > 0 and min_net_speech ≥ 0 are needed")
+        if self.window_llr_limit <= 0 or self.allowance < 0:
+            raise ValueError("window_llr_limit > 0 and allowance ≥ 0 are needed")
+        if self.alert_evidence <= self.window_llr_limit - self.allowance:
+            raise ValueError(
+                "alert_evidence must exceed what one window can add (window_llr_limit − allowance): "
+                "one window, however bad, must never raise an alert"
+            )
+        if self.evidence_seconds <= 0 or self.min_net_speech < 0:
+            raise ValueError("evidence_seconds > 0 and min_net_speech ≥ 0 are needed")
+
+    def impostor_step(self, window_llr: float) -> float:
+        """What one window adds to the impostor evidence (negative: pays it back)."""
+        clipped = min(max(window_llr, -self.window_llr_limit), self.window_llr_limit)
+        return -clipped - self.allowance
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,8 @@ class WindowVerdict:
     media_start: float  # the evidence spans this range of the call's agent audio (seconds)
     media_end: float
     window_score: float  # the newest window alone, for diagnosis
+    window_llr: float  # the newest window alone, calibrated for its speech
+    impostor_evidence: float  # the CUSUM of window LLRs against the agent (alert at alert_evidence)
     model_id: str
 
     def to_dict(self) -> dict[str, object]:
@@ -88,6 +109,8 @@ class WindowVerdict:
             "media_start": round(self.media_start, 2),
             "media_end": round(self.media_end, 2),
             "window_score": round(self.window_score, 4),
+            "window_llr": round(self.window_llr, 3),
+            "impostor_evidence": round(self.impostor_evidence, 3),
             "model_id": self.model_id,
         }
 
@@ -97,7 +120,7 @@ class Alert:
     """The agent's voice was replaced: raised once per takeover."""
 
     verdict: WindowVerdict
-    impostor_since: float  # media time of the first window that counted against the agent
+    impostor_since: float  # media time of the first window of the run that built the impostor evidence
 
 
 @dataclass
@@ -140,8 +163,8 @@ class CallDecision:
         self.policy = policy
         self.evidence = Evidence(policy.evidence_seconds)
         self.state = State.WARMING_UP
-        self._below = 0  # windows below alert_llr since the last verified one
-        self._suspect_since: float | None = None
+        self.impostor_evidence = 0.0
+        self._impostor_since: float | None = None  # where the current run of impostor evidence began
         self._speech_total = 0.0
         self._last_alert_at: float | None = None  # in total net speech
 
@@ -154,9 +177,9 @@ class CallDecision:
         net = self.evidence.net_speech
         score = cosine(self.voiceprint, self.evidence.combined())
         llr = float(self.calibration.llr(score, net))
-        alert = None
-        if self._speech_total >= self.policy.min_net_speech:
-            alert = self._step(llr, start)
+        window_score = cosine(self.voiceprint, embedding)
+        window_llr = float(self.calibration.llr(window_score, speech_seconds))
+        alert = self._step(llr, window_llr, start)
         media_start, media_end = self.evidence.span
         verdict = WindowVerdict(
             state=self.state,
@@ -166,37 +189,43 @@ class CallDecision:
             net_speech_seconds=net,
             media_start=media_start,
             media_end=media_end,
-            window_score=cosine(self.voiceprint, embedding),
+            window_score=window_score,
+            window_llr=window_llr,
+            impostor_evidence=self.impostor_evidence,
             model_id=self.model_id,
         )
         return verdict, (Alert(verdict, alert) if alert is not None else None)
 
-    def _step(self, llr: float, window_start: float) -> float | None:
-        """One transition; returns the impostor's start time when this window raises an alert."""
+    def _step(self, llr: float, window_llr: float, window_start: float) -> float | None:
+        """One transition on the evidence LLR and the newest window's LLR (``_speech_total`` already
+        counts the window); returns the impostor's start time when this window raises an alert."""
         policy = self.policy
-        if llr >= policy.match_llr:
-            self._below = 0
-            self._suspect_since = None
-            self.state = State.VERIFIED
-            return None
-        if llr >= policy.alert_llr:
-            if self.state is State.WARMING_UP:
-                self.state = State.SUSPECT  # a first verdict in the band: not verified
-            return None  # the hysteresis band: hold
-        self._below += 1
-        if self._suspect_since is None:
-            self._suspect_since = window_start
+        evidence = max(0.0, self.impostor_evidence + policy.impostor_step(window_llr))
+        if evidence > 0 and self.impostor_evidence == 0:
+            self._impostor_since = window_start
+        self.impostor_evidence = evidence
+        if self._speech_total < policy.min_net_speech:
+            return None  # WARMING_UP: the statistics run, no verdict yet
         if self.state is State.MISMATCH:
-            return None  # already alerted for this takeover
-        if self._below < policy.confirmations:
-            self.state = State.SUSPECT
+            if llr >= policy.match_llr:  # the agent's voice is back: a later takeover is a new one
+                self.state = State.VERIFIED
+                self.impostor_evidence = 0.0
             return None
-        cooled = (
-            self._last_alert_at is None or self._speech_total - self._last_alert_at >= policy.cooldown_seconds
-        )
-        if not cooled:
+        if evidence >= policy.alert_evidence:
+            cooled = (
+                self._last_alert_at is None
+                or self._speech_total - self._last_alert_at >= policy.cooldown_seconds
+            )
+            if not cooled:
+                self.state = State.SUSPECT
+                return None
+            self.state = State.MISMATCH
+            self._last_alert_at = self._speech_total
+            return self._impostor_since
+        if evidence >= policy.alert_evidence / 2:
             self.state = State.SUSPECT
-            return None
-        self.state = State.MISMATCH
-        self._last_alert_at = self._speech_total
-        return self._suspect_since
+        elif llr >= policy.match_llr:
+            self.state = State.VERIFIED
+        elif self.state is State.WARMING_UP:
+            self.state = State.SUSPECT  # a first verdict below match: not verified
+        return None

@@ -34,6 +34,9 @@ class VadConfig:
     # Frames this far below the normalised speech level (-26 dBFS) are never speech: line noise
     # between turns. None: no gate (webrtcvad alone).
     level_gate_db: float | None = None
+    # Live calls: windows whose speech is less than this far above the line's noise floor are not
+    # scored (mostly line noise the VAD took for speech; they look like another speaker). None: keep all.
+    min_window_snr_db: float | None = None
 
     @property
     def min_frame_dbfs(self) -> float | None:

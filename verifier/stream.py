@@ -11,13 +11,16 @@ offline windows are the same windows.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 
 from verifier.audio import (
     StreamResampler,
+    active_level_dbfs,
     decode_alaw,
     decode_mulaw,
     decode_pcm16,
@@ -60,6 +63,14 @@ class RunningLevel:
         self._update_frames = round(update_seconds / _FRAME_SECONDS)
         self._frame_index = 0
         self._gain = 1.0
+        self._floor_power: float | None = None  # of the line's noise, before the gain
+
+    @property
+    def noise_floor_dbfs(self) -> float | None:
+        """The line's noise floor as it comes out (after the gain); None until there is one."""
+        if self._floor_power is None:
+            return None
+        return 10 * math.log10(self._floor_power * self._gain**2)
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         buffered = np.concatenate((self._leftover, samples))
@@ -89,6 +100,7 @@ class RunningLevel:
         if len(powers) == 0:
             return self._gain
         floor = float(np.percentile(powers, 10))
+        self._floor_power = floor
         speech = powers[powers >= floor * _ABOVE_FLOOR]
         if len(speech) * _FRAME_SECONDS < _MIN_SPEECH_SECONDS:
             return self._gain  # too little speech heard lately to say anything: hold the gain
@@ -135,6 +147,7 @@ class AgentAudio:
             min_frame_dbfs=self.vad.min_frame_dbfs,
         )
         self.seconds_received = 0.0  # of agent audio, on the call's clock
+        self.windows_too_noisy = 0  # not scored: too little above the line's noise floor
 
     def decode(self, payload: bytes) -> np.ndarray:
         """Encoded (interleaved) audio → the agent channel as float32 at the input rate."""
@@ -166,4 +179,17 @@ class AgentAudio:
         windows = self._segmenter.feed(self._level.process(samples16k)) if len(samples16k) else []
         if final:
             windows += self._segmenter.flush()
-        return windows
+        return [w for w in map(self._measure, windows) if self._clear_enough(w)]
+
+    def _measure(self, window: SpeechWindow) -> SpeechWindow:
+        floor = self._level.noise_floor_dbfs
+        if floor is None:
+            return window
+        return replace(window, snr_db=active_level_dbfs(window.samples) - floor)
+
+    def _clear_enough(self, window: SpeechWindow) -> bool:
+        gate = self.vad.min_window_snr_db
+        if gate is None or window.snr_db is None or window.snr_db >= gate:
+            return True
+        self.windows_too_noisy += 1
+        return False

@@ -31,6 +31,8 @@ class SpeechWindow:
     start: float  # seconds from the start of the stream
     end: float
     speech_seconds: float  # voiced frames inside the span
+    # Speech level over the line's noise floor (live calls: ``verifier.stream``); None when unknown.
+    snr_db: float | None = None
 
     @property
     def duration(self) -> float:
