@@ -1,9 +1,9 @@
 """``vpmon stream``: play an audio file to a vpmon gateway as a live call (``streamer/stream_client.py``).
 
-Exit status: 0 when the call ran and the server closed it normally (1000); 1 when the call ran but the
-server ended it otherwise (an error frame, an AudioHook disconnect, another close code: the summary is
-printed, then the reason); 2 when no call could be streamed (bad options or file, server unreachable,
-upgrade refused with an HTTP status).
+Exit status: 0 when the call ran and the server closed it normally (1000; whip: the DELETE answered 200);
+1 when the call ran but the server ended it otherwise (an error frame, an AudioHook disconnect, another
+close code: the summary is printed, then the reason); 2 when no call could be streamed (bad options or
+file, server unreachable, upgrade refused with an HTTP status).
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class Protocol(StrEnum):
     twilio = "twilio"
     audiohook = "audiohook"
     native = "native"
+    whip = "whip"
+
+
+class WhipCodec(StrEnum):
+    opus = "opus"
+    pcmu = "PCMU"
 
 
 class Track(StrEnum):
@@ -60,7 +66,10 @@ def stream(
     key: Annotated[
         str | None,
         typer.Option(
-            "--key", envvar="VPMON_API_KEY", help="A monitor API key (native, audiohook).", show_default=False
+            "--key",
+            envvar="VPMON_API_KEY",
+            help="A monitor API key (native, audiohook, whip).",
+            show_default=False,
         ),
     ] = None,
     tenant: Annotated[
@@ -107,9 +116,13 @@ def stream(
             show_default=False,
         ),
     ] = None,
+    whip_codec: Annotated[
+        WhipCodec, typer.Option("--whip-codec", help="The codec of a whip call's audio track.")
+    ] = WhipCodec.opus,
     as_json: JsonOption = False,
 ) -> None:
-    """Play FILE to a vpmon server as a live call; print the verdicts and alerts it pushes back (native)."""
+    """Play FILE to a vpmon server as a live call; print the verdicts and alerts it pushes back (native,
+    whip: over a WebRTC data channel)."""
     if not url:
         raise StreamError("say which server to stream to: --url http://host:port (or set VPMON_URL)")
     options = StreamOptions(
@@ -124,6 +137,7 @@ def stream(
         twilio_auth_token=twilio_auth_token,
         twilio_track=twilio_track.value,  # type: ignore[arg-type]
         audiohook_client_secret=audiohook_client_secret,
+        whip_codec=whip_codec.value,  # type: ignore[arg-type]
     )
     audio = load_call_audio(file)
     agent_index = agent_channel_for(options.protocol, audio, agent_channel)
@@ -134,7 +148,7 @@ def stream(
         f"over {options.protocol} at {pace}",
         highlight=False,
     )
-    if options.protocol != "native" and not as_json:
+    if options.protocol not in ("native", "whip") and not as_json:
         err.print(
             f"{options.protocol} carries no verdicts back: watch them on GET /v1/calls/stream or the "
             "supervisor page",
@@ -194,9 +208,10 @@ def _pushed_line(kind: str, data: Any) -> str:
 
 
 def _summary(result: StreamResult) -> str:
-    close = "no close" if result.close_code is None else f"close {result.close_code}"
-    if result.close_reason:
-        close += f" ({result.close_reason})"
+    if result.close_code is None:  # WHIP has no close code: its reason is the DELETE's status
+        close = result.close_reason or "no close"
+    else:
+        close = f"close {result.close_code}" + (f" ({result.close_reason})" if result.close_reason else "")
     return (
         f"{result.protocol} call {result.call_id}: sent {result.frames_sent} frames, "
         f"{result.media_seconds:.1f} of {result.audio_seconds:.1f} s of audio "

@@ -10,6 +10,9 @@ Routes (one port with the REST API):
     /v1/streams/twilio/{tenant}   Twilio Media Streams; X-Twilio-Signature with the tenant's auth token
     /v1/streams/audiohook         Genesys AudioHook v2; X-API-KEY (a monitor key), optional signature
     /v1/streams/native            vpmon's protocol; Authorization: Bearer (a monitor key)
+
+WebRTC calls (WHIP, ``streamer/whip.py``) run through the same functions here: ``start_call``, the events,
+``verdict_loop`` and ``end_call``, with a data channel as their ``CallTransport``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import APIRouter, WebSocket
@@ -59,13 +62,37 @@ SIGNATURE_MEMORY_S = 20  # longer than a signature stays valid (max age 10 s + 3
 _WINDOW_QUEUE = 64  # windows waiting for embedding per call: ~3 minutes of speech at most
 
 
+class CallTransport(Protocol):
+    """Where a call's outgoing frames go: its websocket, or a WHIP session's data channel
+    (streamer/whip.py). Both never raise when the peer has gone: the call ends through its input side."""
+
+    async def send(self, data: str | bytes) -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class WebSocketTransport:
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def send(self, data: str | bytes) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            if isinstance(data, bytes):
+                await self.websocket.send_bytes(data)
+            else:
+                await self.websocket.send_text(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await self.websocket.close(code, reason)
+
+
 @dataclass
 class LiveCall:
-    """A call on this gateway: its session, the socket's adapter, and its pending embeddings."""
+    """A call on this gateway: its session, the peer's adapter and transport, and its pending embeddings."""
 
     session: CallSession
     protocol: CallProtocol
-    websocket: WebSocket
+    transport: CallTransport
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Windows on their way to a verdict, and agent changes, in the order they happened on the call (a
     # transfer must not be applied to windows spoken before it). None stops the verdict loop.
@@ -220,6 +247,7 @@ def public_url(websocket: WebSocket) -> str:
 # --- one call ---------------------------------------------------------------------------------------
 async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | None, name: str) -> None:
     state = app_state(websocket)
+    transport = WebSocketTransport(websocket)
     call: LiveCall | None = None
     consumer: asyncio.Task[None] | None = None
     idle = state.settings.ws_idle_seconds
@@ -248,22 +276,21 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
                 if isinstance(event, CallStarted):
                     if tenant is None:  # AudioHook with a failed key: the adapter has disconnected
                         continue
-                    call = await start_call(state, websocket, protocol, tenant, name, event)
+                    call = await start_call(state, transport, protocol, tenant, name, event)
                     if call is not None:
                         consumer = asyncio.create_task(verdict_loop(state, call))
                 else:
                     await handle_event(state, call, event)
-            await flush(websocket, protocol, call)
+            await flush(transport, protocol, call)
         close = protocol.close_requested
         if call is not None and consumer is not None and close is not None and close.code == CLOSE_NORMAL:
             # The peer ended the call: finish its windows first, so their verdicts and any alert still
             # reach it, then close.
             await drain(call, consumer)
             consumer = None
-        await flush(websocket, protocol, call)
+        await flush(transport, protocol, call)
         if close is not None:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                await websocket.close(close.code, close.reason)
+            await transport.close(close.code, close.reason)
     except WebSocketDisconnect:
         protocol.connection_lost()
         await handle_events(state, protocol, call)
@@ -315,10 +342,9 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
             await bind(state, call, item.agent_id, item.agent_channel, item.in_band)
             if item.in_band and call.session.state in (CallState.NOT_ENROLLED, CallState.MODEL_MISMATCH):
                 # bind() failed the call (the new agent cannot be verified): close it now
-                await flush(call.websocket, call.protocol, call)
+                await flush(call.transport, call.protocol, call)
                 close = call.protocol.close_requested
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                    await call.websocket.close(close.code, close.reason)
+                await call.transport.close(close.code, close.reason)
                 return
             continue
         window, task = item
@@ -336,7 +362,7 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
 
 async def start_call(
     state: AppState,
-    websocket: WebSocket,
+    transport: CallTransport,
     protocol: CallProtocol,
     tenant: str,
     name: str,
@@ -358,7 +384,7 @@ async def start_call(
         policy=state.decision_policy,
     )
     session.start(started)
-    call = LiveCall(session, protocol, websocket)
+    call = LiveCall(session, protocol, transport)
     state.calls.calls[key] = call
     log.info("call started", extra=ids(call))
     await publish(state, call, [Output("call", session.describe())])
@@ -409,21 +435,17 @@ async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> Non
                 call.protocol.send_verdict(output.data)
     if outputs:
         await state.feeds.set_call(session.tenant, session.call_id, session.describe())
-        await flush(call.websocket, call.protocol, call)
+        await flush(call.transport, call.protocol, call)
 
 
-async def flush(websocket: WebSocket, protocol: CallProtocol, call: LiveCall | None) -> None:
+async def flush(transport: CallTransport, protocol: CallProtocol, call: LiveCall | None) -> None:
     outgoing = protocol.data_to_send()
     if not outgoing:
         return
     lock = call.send_lock if call is not None else contextlib.nullcontext()
     async with lock:  # the receive loop and the verdict loop both send
         for data in outgoing:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                if isinstance(data, bytes):
-                    await websocket.send_bytes(data)
-                else:
-                    await websocket.send_text(data)
+            await transport.send(data)
 
 
 async def drain(call: LiveCall, consumer: asyncio.Task[None], timeout: float = 30.0) -> None:

@@ -13,6 +13,8 @@ Two layers, like the gateway's:
   protocol's headers, paces frames on a monotonic clock (``Pacer``: real time, N times faster, or as
   fast as possible), reads the server's frames concurrently, and returns a ``StreamResult``.
 
+WebRTC (``whip``) is not a websocket: ``stream_call`` hands it to ``streamer/whip_client.py`` (aiortc).
+
 Wire facts (PROTOCOLS.md, Twilio's "Media Streams - WebSocket Messages" page, the AudioHook v2 reference
 implementation purecloudlabs/audiohook-reference-implementation):
 
@@ -58,9 +60,10 @@ import soundfile as sf
 from verifier.audio import encode_mulaw, read_audio, resample, to_pcm16
 from verifier.errors import AudioError, VpmonError
 
-ProtocolName = Literal["twilio", "audiohook", "native"]
-PROTOCOLS: tuple[ProtocolName, ...] = ("twilio", "audiohook", "native")
+ProtocolName = Literal["twilio", "audiohook", "native", "whip"]
+PROTOCOLS: tuple[ProtocolName, ...] = ("twilio", "audiohook", "native", "whip")
 TwilioTrack = Literal["inbound", "outbound"]
+WhipCodec = Literal["opus", "PCMU"]
 
 STREAM_PATHS: dict[str, str] = {
     "twilio": "/v1/streams/twilio/{tenant}",
@@ -69,7 +72,7 @@ STREAM_PATHS: dict[str, str] = {
 }
 # Which channel of a stereo file is the agent's unless --agent-channel says: AudioHook recordings are
 # [external, internal] (the agent is internal); the others take the first channel.
-DEFAULT_AGENT_CHANNEL: dict[str, int] = {"twilio": 0, "audiohook": 1, "native": 0}
+DEFAULT_AGENT_CHANNEL: dict[str, int] = {"twilio": 0, "audiohook": 1, "native": 0, "whip": 0}
 
 MULAW_SILENCE = 0xFF  # μ-law code of zero (every bit is sent inverted)
 TELEPHONE_RATE = 8000
@@ -172,10 +175,13 @@ class StreamOptions:
     open_timeout: float = 10.0  # for the handshake, and for started / opened
     close_timeout: float = 10.0  # for the server's close (or closed) after the end
     ping_seconds: float = 5.0  # AudioHook: media time between pings
+    whip_codec: WhipCodec = "opus"  # the codec a WHIP call's audio is sent in
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise StreamError(f"unknown protocol {self.protocol!r}: use twilio, audiohook or native")
+            raise StreamError(f"unknown protocol {self.protocol!r}: use twilio, audiohook, native or whip")
+        if self.whip_codec not in ("opus", "PCMU"):
+            raise StreamError(f"--whip-codec {self.whip_codec!r}: use opus or PCMU")
         if not (self.speed >= 0 and math.isfinite(self.speed)):
             raise StreamError(
                 f"--speed {self.speed} is not usable: 1 is real time, 4 four times faster, 0 max"
@@ -1176,6 +1182,10 @@ async def stream_call(
     """Stream ``audio`` as one live call. Raises ``StreamError`` when no stream could be opened
     (unreachable, refused upgrade, bad options); otherwise returns a result whose ``error`` says why the
     call did not end cleanly (an in-band refusal, a protocol error, a close code other than 1000)."""
+    if options.protocol == "whip":  # WebRTC, not a websocket: aiortc, imported only when used
+        from streamer.whip_client import stream_whip_call
+
+        return await stream_whip_call(audio, options, on_event=on_event, clock=clock, sleep=sleep)
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
