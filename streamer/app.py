@@ -33,6 +33,9 @@ from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
 from streamer.state import AppState
 from streamer.store import connect, open_store
+from streamer.supervisor import mount_supervisor_page
+from streamer.whip import WhipSessions
+from streamer.whip import router as whip_router
 from verifier.calibration import Calibration, packaged_calibration
 from verifier.embedder import Embedder
 from verifier.errors import CalibrationError
@@ -40,6 +43,9 @@ from verifier.models import provision
 from verifier.scoring import Scorer
 
 log = logging.getLogger("vpmon.server")
+
+
+REDIS_POOL_WAIT_S = 10.0  # for a free connection, before the command fails as Redis unavailable
 
 
 def redis_client(settings: Settings) -> redis.Redis:  # for the CLI
@@ -117,7 +123,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.redis_url_value() or embedded_url()
         client = connect(url)
-        async_client = aredis.Redis.from_url(url, protocol=2, socket_connect_timeout=5.0)
+        # A blocking pool: when every connection is busy (hundreds of calls starting at once, SSE readers
+        # blocked in XREAD) a command waits for one instead of failing the call.
+        pool = aredis.BlockingConnectionPool.from_url(
+            url,
+            protocol=2,
+            socket_connect_timeout=5.0,
+            max_connections=settings.redis_max_connections,
+            timeout=REDIS_POOL_WAIT_S,
+        )
+        async_client = aredis.Redis(connection_pool=pool)
         service = build_service(settings, client)
         state = AppState(
             settings,
@@ -129,11 +144,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             calls=CallRegistry(),
         )
         app.state.vpmon = state
+        app.state.whip = WhipSessions(settings)
         listener = asyncio.create_task(binding_listener(state))
         log.info("serving model %s, store %s", service.model_id, service.store.backend)
         try:
             yield
         finally:
+            await app.state.whip.close_all()  # their ends go to Redis: before the client closes
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
@@ -155,6 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(calls_router)
     app.include_router(gateway_router)
+    app.include_router(whip_router)
+    mount_supervisor_page(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
     return app
 

@@ -6,6 +6,8 @@
 - ``GET /v1/calls``: the tenant's live and recently ended calls with their latest state.
 - ``GET /v1/alerts``: recent alerts and notices; ``GET /v1/alerts/stream``: the same as Server-Sent
   Events, replayed from ``Last-Event-ID``; ``GET /v1/calls/stream``: verdicts and call starts/ends.
+- ``POST /v1/alerts/{event_id}/ack``: a supervisor acknowledges an alert (once; who and when are kept),
+  which every supervisor's alert feed shows as an ``ack`` event.
 """
 
 from __future__ import annotations
@@ -63,10 +65,22 @@ class CallOut(BaseModel):
     ended_reason: str | None = None
 
 
+class AckBy(BaseModel):
+    key_id: str
+    name: str
+
+
+class AckOut(BaseModel):
+    event_id: str = Field(description="The acknowledged alert's id (its stream id).")
+    acknowledged_by: AckBy = Field(description="The key that acknowledged it first.")
+    acknowledged_at: str
+
+
 class AlertOut(BaseModel):
     id: str = Field(description="The stream id: pass it as Last-Event-ID to resume after it.")
     type: str = Field(description="alert (a takeover) or notice (agent not enrolled, model mismatch).")
     data: dict[str, Any]
+    acknowledged: AckOut | None = None
 
 
 @router.put("/v1/calls/{call_id}/agent", tags=["calls"])
@@ -114,12 +128,38 @@ async def list_calls(request: Request, key: Monitor) -> list[CallOut]:
 async def recent_alerts(
     request: Request, key: Monitor, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[AlertOut]:
-    """The newest alerts and notices first."""
-    entries = await state(request).feeds.recent_alerts(key.tenant, limit)
-    return [AlertOut(id=e.id, type=e.kind, data=e.data) for e in entries]
+    """The newest alerts and notices first, each with its acknowledgement if it has one."""
+    feeds = state(request).feeds
+    entries = await feeds.recent_alerts(key.tenant, limit)
+    acks = await feeds.acks(key.tenant, (e.id for e in entries))
+    return [
+        AlertOut(
+            id=e.id, type=e.kind, data=e.data, acknowledged=AckOut(**acks[e.id]) if e.id in acks else None
+        )
+        for e in entries
+    ]
 
 
 _STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
+
+@router.post("/v1/alerts/{event_id}/ack", tags=["calls"])
+async def acknowledge_alert(
+    request: Request,
+    key: Monitor,
+    event_id: Annotated[
+        str, Path(pattern=_STREAM_ID, description="The alert's id, as GET /v1/alerts gives it.")
+    ],
+) -> AckOut:
+    """Acknowledge an alert or notice: the first acknowledgement stands (who and when), repeating it
+    changes nothing. Every supervisor's ``/v1/alerts/stream`` gets it as ``event: ack``."""
+    feeds = state(request).feeds
+    if await feeds.alert(key.tenant, event_id) is None:
+        raise HTTPException(
+            404, f"no alert {event_id} in tenant {key.tenant!r}: take the id from GET /v1/alerts"
+        )
+    ack = await feeds.acknowledge(key.tenant, event_id, {"key_id": key.key_id, "name": key.name})
+    return AckOut(**ack)
 
 
 def _sse(app: AppState, key: str, after: str | None) -> StreamingResponse:
@@ -139,7 +179,8 @@ LastEventId = Annotated[str | None, Header(pattern=_STREAM_ID, description="Resu
 async def alert_stream(
     request: Request, key: Monitor, last_event_id: LastEventId = None
 ) -> StreamingResponse:
-    """Alerts and notices as Server-Sent Events (``event: alert|notice``, ``id`` = stream id). With
+    """Alerts and notices as Server-Sent Events (``event: alert|notice``, ``id`` = stream id), and
+    acknowledgements (``event: ack``, data as ``POST /v1/alerts/{event_id}/ack`` returns). With
     ``Last-Event-ID`` every retained event after it is replayed first; without, only new ones."""
     return _sse(state(request), alerts_key(key.tenant), last_event_id)
 

@@ -10,6 +10,10 @@
   (HEXPIRE) ``ended_call_ttl`` seconds after the end, so the list shows recent calls too.
 - ``vpbind:{<tenant>}:<call id>``: the agent bound to a call through the API (a HASH with a TTL), and the
   pub/sub channel ``vpbind:{<tenant>}`` that tells the gateway holding the call.
+- ``vpacks:{<tenant>}``: a HASH alert event id → who acknowledged it and when (JSON), written once; the
+  same acknowledgement is added to the alert stream as an ``ack`` entry, so every supervisor's feed shows
+  it live and replays it after a reconnect. Readers of the stream that want alerts only (webhooks) skip
+  ``ack`` entries.
 
 The ``{tenant}`` hash tag keeps a tenant's keys in one Redis Cluster slot.
 """
@@ -17,8 +21,9 @@ The ``{tenant}`` hash tag keeps a tenant's keys in one Redis Cluster slot.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
@@ -27,6 +32,7 @@ ALERT = "alert"
 NOTICE = "notice"
 VERDICT = "verdict"
 CALL = "call"
+ACK = "ack"
 
 
 def alerts_key(tenant: str) -> str:
@@ -39,6 +45,10 @@ def verdicts_key(tenant: str) -> str:
 
 def calls_key(tenant: str) -> str:
     return f"vpcalls:{{{tenant}}}"
+
+
+def acks_key(tenant: str) -> str:
+    return f"vpacks:{{{tenant}}}"
 
 
 def binding_key(tenant: str, call_id: str) -> str:
@@ -66,10 +76,22 @@ class Retention:
     ended_call_ttl: int = 3600
 
 
+# The acknowledgement and its feed entry in one step (both keys share the tenant's hash tag, so this
+# works in a cluster too): only the first acknowledgement of an alert is recorded and announced.
+_ACKNOWLEDGE_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'ack', 'data', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 class Feeds:
     def __init__(self, client: aredis.Redis, retention: Retention = Retention()) -> None:
         self.client = client
         self.retention = retention
+        self._acknowledge_once = client.register_script(_ACKNOWLEDGE_ONCE)
 
     # --- writing --------------------------------------------------------------------------------
     async def add_alert(self, tenant: str, kind: str, data: Mapping[str, Any]) -> str:
@@ -86,6 +108,21 @@ class Feeds:
             verdicts_key(tenant), entry, maxlen=self.retention.verdicts, approximate=True
         )
         return stream_id.decode()
+
+    async def acknowledge(self, tenant: str, event_id: str, by: Mapping[str, str]) -> dict[str, Any]:
+        """Record that ``by`` (a key's id and name) acknowledged the alert ``event_id``, unless someone
+        did before; returns the acknowledgement that stands."""
+        ack = {
+            "event_id": event_id,
+            "acknowledged_by": dict(by),
+            "acknowledged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        await self._acknowledge_once(
+            keys=[acks_key(tenant), alerts_key(tenant)],
+            args=[event_id, json.dumps(ack, separators=(",", ":")), self.retention.alerts],
+        )
+        stored = await self.client.hget(acks_key(tenant), event_id)
+        return json.loads(stored)
 
     async def set_call(
         self, tenant: str, call_id: str, state: Mapping[str, Any], ended: bool = False
@@ -105,8 +142,33 @@ class Feeds:
         return None if found is None else json.loads(found)
 
     async def recent_alerts(self, tenant: str, count: int = 100) -> list[FeedEntry]:
-        entries = await self.client.xrevrange(alerts_key(tenant), count=count)
-        return [_entry(stream_id, fields) for stream_id, fields in entries]
+        """The newest ``count`` alerts and notices, newest first (acknowledgements left out)."""
+        found: list[FeedEntry] = []
+        before = "+"
+        while len(found) < count:
+            page = await self.client.xrevrange(alerts_key(tenant), max=before, count=count)
+            for stream_id, fields in page:
+                entry = _entry(stream_id, fields)
+                before = f"({entry.id}"
+                if entry.kind != ACK:
+                    found.append(entry)
+            if len(page) < count:
+                break
+        return found[:count]
+
+    async def alert(self, tenant: str, event_id: str) -> FeedEntry | None:
+        """One alert or notice by its stream id, if the tenant's stream holds it."""
+        found = await self.client.xrange(alerts_key(tenant), min=event_id, max=event_id, count=1)
+        entry = _entry(*found[0]) if found else None
+        return entry if entry is not None and entry.kind in (ALERT, NOTICE) else None
+
+    async def acks(self, tenant: str, event_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The acknowledgements of these alerts, by event id (unacknowledged ones left out)."""
+        ids = list(event_ids)
+        if not ids:
+            return {}
+        found = await self.client.hmget(acks_key(tenant), ids)
+        return {i: json.loads(v) for i, v in zip(ids, found, strict=True) if v is not None}
 
     async def follow(
         self, key: str, after: str | None, block_ms: int = 15_000

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,15 @@ MiB = 1024 * 1024
 
 def config_file() -> Path:
     return Path(os.environ.get("VPMON_CONFIG") or default_home() / "vpmon.toml")
+
+
+class IceServer(BaseModel):
+    """A STUN or TURN server for WebRTC calls, as in RTCIceServer: ``{"urls": "turn:host:3478",
+    "username": …, "credential": …}``."""
+
+    urls: str | list[str]
+    username: str | None = None
+    credential: SecretStr | None = None
 
 
 class Settings(BaseSettings):
@@ -65,6 +74,22 @@ class Settings(BaseSettings):
     ws_idle_seconds: float = Field(30.0, gt=0, description="A call with no message for this long is closed.")
     max_frame_bytes: int = Field(
         64 * 1024, ge=1024, le=1024 * 1024, description="Largest audio frame on the native protocol."
+    )
+    redis_max_connections: int = Field(
+        1000,
+        ge=2,
+        description="Connections the gateway's asyncio Redis client may open (each SSE reader holds one "
+        "while it waits); beyond it, commands wait for a free one.",
+    )
+    whip_ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        description='STUN/TURN servers for WebRTC (WHIP) calls, as JSON: [{"urls": "stun:host:3478"}]. '
+        "None are needed when publishers reach this host directly.",
+    )
+    whip_loopback_candidates: bool = Field(
+        False,
+        description="Offer 127.0.0.1 as an ICE candidate for WebRTC calls (aioice leaves loopback out): "
+        "for publishers that reach this host over loopback only, e.g. headless Chromium in tests.",
     )
 
     # --- limits on uploads --------------------------------------------------------------------------

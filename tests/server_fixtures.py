@@ -43,8 +43,11 @@ class RunningServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
 
 
-def start_vpmon(tmp: Path, redis_server: RedisServer, **settings: object) -> RunningServer:
-    port = free_port()
+def start_vpmon(
+    tmp: Path, redis_server: RedisServer, port: int | None = None, **settings: object
+) -> RunningServer:
+    """``port``: a given one, e.g. to restart a server where its clients expect it; else a free one."""
+    port = port or free_port()
     env = {
         **os.environ,
         "VPMON_REDIS_URL": redis_server.url,
