@@ -8,13 +8,15 @@ quality-gate refusals add ``reason``, ``recording``, ``measured`` and ``limit``;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from verifier.errors import (
     AudioError,
@@ -31,6 +33,7 @@ from verifier.errors import (
 log = logging.getLogger("vpmon.api")
 
 PROBLEM_JSON = "application/problem+json"
+CLOSE_INTERNAL_ERROR = 1011  # RFC 6455: the server met a condition that kept it from going on
 
 # Most specific class first: the first match decides.
 _ERRORS: list[tuple[type[Exception], int, str, str]] = [
@@ -76,8 +79,9 @@ def _vpmon_error(request: Request, exc: Exception) -> JSONResponse:
     raise AssertionError("VpmonError is the last entry")
 
 
-def _redis_error(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+async def _redis_error(conn: Request | WebSocket, exc: Exception) -> JSONResponse | None:
+    method = conn.method if isinstance(conn, Request) else "WEBSOCKET"
+    log.warning("%s %s: Redis unavailable: %s", method, conn.url.path, exc)
     loading = isinstance(exc, redis.BusyLoadingError)
     detail = (
         "Redis is loading its data after a restart; retry in a few seconds"
@@ -85,6 +89,11 @@ def _redis_error(request: Request, exc: Exception) -> JSONResponse:
         else "the voiceprint store (Redis) cannot be reached; retry later, and check VPMON_REDIS_URL "
         "or `vpmon redis status`"
     )
+    if isinstance(conn, WebSocket) and conn.application_state is WebSocketState.CONNECTED:
+        # The upgrade was answered already: no HTTP problem can follow, so close the call with why.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await conn.close(CLOSE_INTERNAL_ERROR, "Redis unavailable; retry later")
+        return None
     return problem(503, "store-unavailable", "Voiceprint store unavailable", detail, {"Retry-After": "5"})
 
 
