@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from streamer import metrics
 from streamer.auth import ApiKey, Permission, Role
 from streamer.service import EnrolResult, Side, Upload
 from streamer.state import AppState
@@ -517,3 +518,16 @@ async def readyz(request: Request, response: Response, key: Health) -> HealthOut
         store_backend=app.service.store.backend,
         tenant=key.tenant,
     )
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def prometheus_metrics(key: Monitor) -> Response:
+    """This gateway's Prometheus metrics (a monitor or admin key, e.g. Prometheus' ``authorization:
+    credentials_file``): totals over all tenants, with no call, agent or tenant ids (streamer/metrics.py)."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -29,7 +29,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from streamer import problems
+from streamer import metrics, problems
 from streamer.auth import ApiKey, Permission
 from streamer.feeds import binding_key
 from streamer.protocols import audiohook, native, twilio
@@ -94,11 +94,19 @@ class LiveCall:
     protocol: CallProtocol
     transport: CallTransport
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Windows on their way to a verdict, and agent changes, in the order they happened on the call (a
-    # transfer must not be applied to windows spoken before it). None stops the verdict loop.
-    windows: asyncio.Queue[tuple[SpeechWindow, asyncio.Task[np.ndarray]] | Rebind | None] = field(
+    # Windows on their way to a verdict (with when each ended, on time.monotonic()), and agent changes, in
+    # the order they happened on the call (a transfer must not be applied to windows spoken before it).
+    # None stops the verdict loop.
+    windows: asyncio.Queue[PendingWindow | Rebind | None] = field(
         default_factory=lambda: asyncio.Queue(_WINDOW_QUEUE)
     )
+
+
+@dataclass(frozen=True)
+class PendingWindow:
+    window: SpeechWindow
+    embedding: asyncio.Task[np.ndarray]
+    ended_at: float  # time.monotonic() when the VAD closed the window
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,7 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
                     protocol.fail(CLOSE_POLICY_VIOLATION, f"no message for {idle:.0f} s")
                 continue
             if message["type"] == "websocket.disconnect":
+                metrics.CALL_CLOSES.labels(name, metrics.close_code(message.get("code"))).inc()
                 protocol.connection_lost()
                 await handle_events(state, protocol, call)
                 return
@@ -290,8 +299,10 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
             consumer = None
         await flush(transport, protocol, call)
         if close is not None:
+            metrics.CALL_CLOSES.labels(name, metrics.close_code(close.code)).inc()
             await transport.close(close.code, close.reason)
-    except WebSocketDisconnect:
+    except WebSocketDisconnect as exc:
+        metrics.CALL_CLOSES.labels(name, metrics.close_code(exc.code)).inc()
         protocol.connection_lost()
         await handle_events(state, protocol, call)
     finally:
@@ -312,10 +323,13 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
     if call is None:
         return
     session = call.session
+    noisy_before = session.windows_too_noisy
     if isinstance(event, AudioChunk):
+        metrics.FRAMES_RECEIVED.labels(session.protocol).inc()
         for window in session.feed(event):
             await queue_window(state, call, window)
     elif isinstance(event, AudioDiscarded):
+        metrics.AUDIO_DROPPED.labels(session.protocol).inc(event.seconds)
         for window in session.gap(event.seconds):
             await queue_window(state, call, window)
     elif isinstance(event, AgentChanged):
@@ -325,12 +339,15 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
             await queue_window(state, call, window)
     elif isinstance(event, CallPaused | CallResumed):
         pass  # no audio arrives while paused; the media clock does not run
+    metrics.WINDOWS_TOO_NOISY.labels(session.protocol).inc(session.windows_too_noisy - noisy_before)
 
 
 async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) -> None:
     # The task starts embedding at once (in a worker thread); the verdict loop awaits tasks in order.
-    task = asyncio.create_task(state.embeddings.embed(window.samples))
-    await call.windows.put((window, task))
+    ended_at = time.monotonic()
+    metrics.WINDOWS.labels(call.session.protocol).inc()
+    task = asyncio.create_task(state.embeddings.embed(window.samples, ended_at))
+    await call.windows.put(PendingWindow(window, task, ended_at))
 
 
 async def verdict_loop(state: AppState, call: LiveCall) -> None:
@@ -347,14 +364,15 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
                 await call.transport.close(close.code, close.reason)
                 return
             continue
-        window, task = item
         try:
-            embedding = await task
+            embedding = await item.embedding
         except VpmonError as exc:
             log.warning("window not embedded: %s", exc, extra=ids(call))
             continue
         try:
-            await publish(state, call, call.session.observe(window, embedding))
+            await publish(state, call, call.session.observe(item.window, embedding))
+            latency = time.monotonic() - item.ended_at
+            metrics.VERDICT_LATENCY.labels(call.session.protocol).observe(latency)
         except Exception:
             log.exception("a verdict failed", extra=ids(call))
             raise
@@ -386,6 +404,7 @@ async def start_call(
     session.start(started)
     call = LiveCall(session, protocol, transport)
     state.calls.calls[key] = call
+    metrics.CALLS_ACTIVE.labels(name).inc()
     log.info("call started", extra=ids(call))
     await publish(state, call, [Output("call", session.describe())])
     # Who is the agent? In-band first; else a binding made through the API before the stream began.
@@ -427,11 +446,13 @@ async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> Non
     for output in outputs:
         if output.kind in ("alert", "notice"):
             stream_id = await state.feeds.add_alert(session.tenant, output.kind, output.data)
+            metrics.ALERTS.labels(session.protocol, output.data["kind"]).inc()
             log.warning("%s %s (%s)", output.kind, output.data.get("kind"), stream_id, extra=ids(call))
             call.protocol.send_alert(output.data)
         else:
             await state.feeds.add_verdict(session.tenant, output.kind, output.data)
             if output.kind == "verdict":
+                metrics.VERDICTS.labels(session.protocol, output.data["state"]).inc()
                 call.protocol.send_verdict(output.data)
     if outputs:
         await state.feeds.set_call(session.tenant, session.call_id, session.describe())
@@ -459,7 +480,8 @@ async def drain(call: LiveCall, consumer: asyncio.Task[None], timeout: float = 3
 
 async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None] | None) -> None:
     session = call.session
-    state.calls.calls.pop((session.tenant, session.call_id), None)
+    if state.calls.calls.pop((session.tenant, session.call_id), None) is not None:
+        metrics.CALLS_ACTIVE.labels(session.protocol).dec()
     if consumer is not None:
         await drain(call, consumer)
     ended = session.end("stop")

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from streamer import metrics
 from verifier.errors import (
     AudioError,
     AudioLimitError,
@@ -81,6 +82,7 @@ def _vpmon_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_error(conn: Request | WebSocket, exc: Exception) -> JSONResponse | None:
     method = conn.method if isinstance(conn, Request) else "WEBSOCKET"
+    metrics.REDIS_ERRORS.inc()
     log.warning("%s %s: Redis unavailable: %s", method, conn.url.path, exc)
     loading = isinstance(exc, redis.BusyLoadingError)
     detail = (

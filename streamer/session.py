@@ -67,6 +67,7 @@ class CallSession:
     net_speech_seconds: float = 0.0
     last_verdict: WindowVerdict | None = None
     _format: CallStarted | None = None
+    _too_noisy_before: int = 0  # windows_too_noisy of agent audio chains replaced by a channel change
     _unbound: deque[tuple[SpeechWindow, np.ndarray]] = field(default_factory=deque)
 
     # --- audio ----------------------------------------------------------------------------------
@@ -90,6 +91,11 @@ class CallSession:
     def gap(self, seconds: float) -> list[SpeechWindow]:
         return [] if self.audio is None else self.audio.feed_silence(seconds)
 
+    @property
+    def windows_too_noisy(self) -> int:
+        """Speech windows of this call not scored: too little above the line's noise floor."""
+        return self._too_noisy_before + (self.audio.windows_too_noisy if self.audio is not None else 0)
+
     def finish(self) -> list[SpeechWindow]:
         """The last open window, at the end of the call."""
         return [] if self.audio is None or self.state in _TERMINAL else self.audio.flush()
@@ -105,6 +111,7 @@ class CallSession:
         if agent_channel is not None and agent_channel != self.agent_channel:
             self.agent_channel = agent_channel
             if self._format is not None and self._format.channels > 1:
+                self._too_noisy_before = self.windows_too_noisy
                 self.audio = self._new_audio()  # another channel: its windows start afresh
                 self._unbound.clear()
         if voiceprint is None:

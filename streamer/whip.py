@@ -42,7 +42,7 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from streamer import problems
+from streamer import metrics, problems
 from streamer.api import Monitor, state
 from streamer.gateway import LiveCall, drain, end_call, flush, handle_event, ids, start_call, verdict_loop
 from streamer.protocols._common import Phase
@@ -240,6 +240,7 @@ class WhipSessions:
                 self.sessions.pop(session.id, None)
                 await self.close_peer_connection(session.pc)
                 close = protocol.close_requested
+                metrics.CALL_CLOSES.labels("whip", metrics.close_code(close.code if close else None)).inc()
                 log.info(
                     "WHIP session ended (%s): %d frames, %.2f s of audio missing",
                     close.reason if close is not None else "connection lost",
@@ -279,6 +280,7 @@ async def receive_audio(app: AppState, session: WhipSession) -> None:
             except MediaStreamError:  # the track ended: the peer connection closed
                 protocol.connection_lost()
             else:
+                late_before = protocol.frames_late
                 protocol.receive_audio(
                     frame.to_ndarray().tobytes(),
                     sample_format=frame.format.name,
@@ -287,6 +289,7 @@ async def receive_audio(app: AppState, session: WhipSession) -> None:
                     pts=frame.pts,
                     time_base=frame.time_base,
                 )
+                metrics.FRAMES_LATE.labels("whip").inc(protocol.frames_late - late_before)
         else:
             receiving.cancel()
             if session.ending.done():

@@ -191,6 +191,7 @@ class WhipCall(AdapterBase):
         self._last_start = 0  # where that frame started on the call's clock, in time-base ticks
         self._expected = Fraction(0)  # where the next frame should start, in seconds of media
         self.frames = 0
+        self.frames_late = 0  # dropped: their place on the call's clock had passed
         self.discarded_seconds = 0.0
 
     def start(self) -> None:
@@ -252,6 +253,7 @@ class WhipCall(AdapterBase):
         duration = Fraction(len(pcm) // (2 * channels), sample_rate)
         start = self._media_start(pts, time_base)
         if start < self._expected - Fraction(_TOLERANCE_SECONDS):
+            self.frames_late += 1
             return  # a frame again or late, whose place on the clock has passed: already heard
         gap = start - self._expected
         if gap > _TOLERANCE_SECONDS:

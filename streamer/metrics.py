@@ -1,0 +1,144 @@
+"""The gateway's Prometheus metrics, served at ``GET /metrics`` (a monitor or admin key, as every route).
+
+Every metric is this gateway's total over all its tenants. Labels take a few known values only —
+``protocol`` (twilio, audiohook, native, whip), ``state``, ``outcome``, ``code`` — never a call, agent or
+tenant id, so the number of series stays fixed however many calls pass.
+
+metric                                       what it counts
+-------------------------------------------  ----------------------------------------------------------------
+vpmon_build_info{version,model}              1, with the vpmon version and the speaker model served
+vpmon_calls_active{protocol}                 calls live on this gateway now
+vpmon_audio_frames_received_total{protocol}  audio messages or frames received (Twilio: both tracks)
+vpmon_audio_frames_late_total{protocol}      frames dropped as their place on the media clock had passed
+                                             (WHIP: a late or repeated RTP packet; the others have no such)
+vpmon_audio_dropped_seconds_total{protocol}  seconds of audio missing from calls: discarded by the client
+                                             (AudioHook ``discarded``) or lost on the way (WHIP gaps)
+vpmon_speech_windows_total{protocol}         speech windows sent to the embedder
+vpmon_speech_windows_too_noisy_total{…}      speech windows not scored: too little above the line's noise
+vpmon_embedding_seconds                      one embedding call (a batch), in its worker thread
+vpmon_embedding_batch_windows                windows per embedding call
+vpmon_embedding_queue_delay_seconds          a window's end (the VAD closed it) → its embedding starts
+vpmon_verdict_latency_seconds{protocol}      a window's end → its verdict is in Redis and sent to the peer
+vpmon_verdicts_total{protocol,state}         verdicts, by the call state they decided
+vpmon_alerts_total{protocol,outcome}         alerts (outcome takeover) and notices (agent_not_enrolled,
+                                             model_mismatch), each written to the alert stream
+vpmon_call_closes_total{protocol,code}       call connections ended, by close code: the server's, or the
+                                             peer's when it closed first (WHIP: its call's close code)
+vpmon_redis_errors_total                     requests and calls failed by Redis (a 503, or a 1011 close)
+vpmon_redis_connects_total                   connections the gateway's asyncio Redis pool opened: it grows
+                                             with load to the pool's working size, then each new one is a
+                                             reconnect (Redis restarted, a dropped connection)
+vpmon_whip_peer_connections                  WebRTC peer connections open now
+
+``*_total`` are counters; ``vpmon_calls_active`` and ``vpmon_whip_peer_connections`` are gauges; the
+``*_seconds`` without ``_total`` and ``vpmon_embedding_batch_windows`` are histograms (``_bucket``,
+``_sum``, ``_count``), ``vpmon_build_info`` an info metric.
+
+Plus prometheus-client's own ``process_*`` and ``python_*`` metrics. The instrumentation is one line at
+each point where the thing happens (streamer/gateway.py, streamer/embedding.py, …); verifier/ knows
+nothing of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# No ``*_created`` series: Prometheus does not use them here, and they would double the series count.
+disable_created_metrics()
+
+PROTOCOLS = ("twilio", "audiohook", "native", "whip")
+VERDICT_STATES = ("agent_unknown", "warming_up", "verified", "suspect", "mismatch")
+ALERT_OUTCOMES = ("takeover", "agent_not_enrolled", "model_mismatch")
+# Close codes the adapters use (streamer/protocols/events.py, streamer/gateway.py); a peer's other codes
+# are counted as "other", so a peer cannot make new series.
+CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1008, 1009, 1011, 1012, 1013, 4001, 4004, 4009})
+
+BUILD = Info("vpmon_build", "The vpmon version and the speaker model this gateway serves.")
+CALLS_ACTIVE = Gauge("vpmon_calls_active", "Calls live on this gateway.", ["protocol"])
+FRAMES_RECEIVED = Counter(
+    "vpmon_audio_frames_received_total", "Audio messages or frames received.", ["protocol"]
+)
+FRAMES_LATE = Counter(
+    "vpmon_audio_frames_late_total",
+    "Audio frames dropped: their place on the media clock had passed.",
+    ["protocol"],
+)
+AUDIO_DROPPED = Counter(
+    "vpmon_audio_dropped_seconds_total",
+    "Seconds of audio missing: discarded by the client or lost on the way.",
+    ["protocol"],
+)
+WINDOWS = Counter("vpmon_speech_windows_total", "Speech windows sent to the embedder.", ["protocol"])
+WINDOWS_TOO_NOISY = Counter(
+    "vpmon_speech_windows_too_noisy_total",
+    "Speech windows not scored: too little above the line's noise floor.",
+    ["protocol"],
+)
+EMBEDDING = Histogram(
+    "vpmon_embedding_seconds",
+    "Time of one embedding call (a batch of windows) in its worker thread.",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+EMBEDDING_BATCH = Histogram(
+    "vpmon_embedding_batch_windows", "Windows per embedding call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+EMBEDDING_QUEUE_DELAY = Histogram(
+    "vpmon_embedding_queue_delay_seconds",
+    "From a window's end (the VAD closed it) to the start of its embedding.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+VERDICT_LATENCY = Histogram(
+    "vpmon_verdict_latency_seconds",
+    "From a window's end to its verdict, written to Redis and sent to the peer.",
+    ["protocol"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+VERDICTS = Counter("vpmon_verdicts_total", "Verdicts, by the call state they decided.", ["protocol", "state"])
+ALERTS = Counter(
+    "vpmon_alerts_total", "Alerts and notices written to the alert stream.", ["protocol", "outcome"]
+)
+CALL_CLOSES = Counter(
+    "vpmon_call_closes_total", "Call connections ended, by websocket close code.", ["protocol", "code"]
+)
+REDIS_ERRORS = Counter("vpmon_redis_errors_total", "Requests and calls failed by Redis (503, close 1011).")
+REDIS_CONNECTS = Counter("vpmon_redis_connects_total", "Connections opened by the gateway's Redis pool.")
+WHIP_PEER_CONNECTIONS = Gauge("vpmon_whip_peer_connections", "WebRTC peer connections open.")
+
+# Every protocol's series exist from the start, at 0: rates and "no audio" alerts see a flat line
+# instead of nothing.
+for _protocol in PROTOCOLS:
+    for _metric in (CALLS_ACTIVE, FRAMES_RECEIVED, FRAMES_LATE, AUDIO_DROPPED, WINDOWS, WINDOWS_TOO_NOISY):
+        _metric.labels(_protocol)
+    VERDICT_LATENCY.labels(_protocol)
+    for _state in VERDICT_STATES:
+        VERDICTS.labels(_protocol, _state)
+    for _outcome in ALERT_OUTCOMES:
+        ALERTS.labels(_protocol, _outcome)
+
+
+def close_code(code: int | None) -> str:
+    """The ``code`` label: a code vpmon knows, else "other"; None (no code given) is 1005 (RFC 6455)."""
+    code = 1005 if code is None else code
+    return str(code) if code in CLOSE_CODES else "other"
+
+
+async def redis_connected(connection: Any) -> None:
+    """redis-py's ``redis_connect_func`` hook: it replaces the connection's own handshake, so that runs
+    first; then the connection counts."""
+    await connection.on_connect()
+    REDIS_CONNECTS.inc()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format Prometheus scrapes, and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST
