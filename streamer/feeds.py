@@ -2,8 +2,8 @@
 
 - ``vpalerts:{<tenant>}``: a Redis Stream of alerts (takeovers) and notices (agent not enrolled, voiceprint
   of another model). An alert is added here before anything else happens to it; the SSE feed replays it
-  from any id (``Last-Event-ID``), webhooks (a later issue) read it through a consumer group. Bounded
-  by ``MAXLEN ~ alert_retention`` entries.
+  from any id (``Last-Event-ID``), webhooks (``streamer/webhooks.py``) read it through a consumer group
+  per endpoint. Bounded by ``MAXLEN ~ alert_retention`` entries.
 - ``vpverdicts:{<tenant>}``: a Redis Stream of verdicts and call starts/ends, for live views; short
   (``MAXLEN ~ verdict_retention``).
 - ``vpcalls:{<tenant>}``: a HASH call id → the call's latest state (JSON); an ended call's field expires
