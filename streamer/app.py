@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streamer import problems
+from streamer import metrics, problems
 from streamer.api import router
 from streamer.archive import AudioArchive, TenantSettingsStore
 from streamer.auth import KeyStore
@@ -34,6 +34,8 @@ from streamer.settings import Settings
 from streamer.state import AppState
 from streamer.store import connect, open_store
 from streamer.supervisor import mount_supervisor_page
+from streamer.webhooks import WebhookWorker
+from streamer.webhooks_api import router as webhooks_router
 from streamer.whip import WhipSessions
 from streamer.whip import router as whip_router
 from verifier.calibration import Calibration, packaged_calibration
@@ -131,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=5.0,
             max_connections=settings.redis_max_connections,
             timeout=REDIS_POOL_WAIT_S,
+            redis_connect_func=metrics.redis_connected,
         )
         async_client = aredis.Redis(connection_pool=pool)
         service = build_service(settings, client)
@@ -145,15 +148,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.vpmon = state
         app.state.whip = WhipSessions(settings)
+        metrics.BUILD.info({"version": app.version, "model": service.model_id})
+        metrics.WHIP_PEER_CONNECTIONS.set_function(lambda: len(app.state.whip.peer_connections))
         listener = asyncio.create_task(binding_listener(state))
+        webhooks = WebhookWorker(
+            async_client, state.gateway_id, settings.webhook_retry_schedule, settings.webhook_timeout_seconds
+        )
+        webhook_worker = asyncio.create_task(webhooks.run())
         log.info("serving model %s, store %s", service.model_id, service.store.backend)
         try:
             yield
         finally:
             await app.state.whip.close_all()  # their ends go to Redis: before the client closes
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in (listener, webhook_worker):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await async_client.aclose()
             client.close()
 
@@ -173,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(calls_router)
     app.include_router(gateway_router)
     app.include_router(whip_router)
+    app.include_router(webhooks_router)
     mount_supervisor_page(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
     return app

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from streamer.cli_common import JsonOption, err, out, progress_bar, user_errors
-from streamer.cli_service import keys_app, redis_app, service_app, voiceprints_app
+from streamer.cli_demo import demo_app
+from streamer.cli_service import config_app, keys_app, redis_app, service_app, voiceprints_app
 from streamer.cli_stream import stream_app
 from verifier.calibration import Calibration, fit_calibration, packaged_calibration
 from verifier.embedder import Embedder
@@ -42,6 +43,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(voiceprints_app, name="voiceprints")
 app.add_typer(keys_app, name="keys")
 app.add_typer(redis_app, name="redis")
+app.add_typer(config_app, name="config")
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Model id, alias (campplus, ge2e) or .toml spec.")
@@ -306,6 +308,7 @@ def models_info(model: Annotated[str, typer.Argument(help="Model id or alias.")]
 # The voiceprint service and server commands (streamer/cli_service.py), listed after the ones above.
 app.registered_commands += service_app.registered_commands
 app.registered_commands += stream_app.registered_commands
+app.registered_commands += demo_app.registered_commands
 
 if __name__ == "__main__":
     app()

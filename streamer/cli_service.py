@@ -24,6 +24,7 @@ service_app = typer.Typer()
 voiceprints_app = typer.Typer(help="List and delete enrolled voiceprints.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 redis_app = typer.Typer(help="The embedded Redis server (no docker, no root).", no_args_is_help=True)
+config_app = typer.Typer(help="The settings in force, secrets masked.")
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", envvar="VPMON_URL", help="A vpmon server; default: Redis directly.")
@@ -442,10 +443,18 @@ def serve(
     run_server(Settings(**overrides))
 
 
-@service_app.command()
+@config_app.callback(invoke_without_command=True)
+def config(ctx: typer.Context) -> None:
+    """The settings in force (`vpmon config show`; `vpmon config` alone does the same)."""
+    if ctx.invoked_subcommand is None:
+        config_show()
+
+
+@config_app.command("show")
 @user_errors
-def config() -> None:
-    """The settings in force (environment, then the TOML file), secrets masked."""
+def config_show() -> None:
+    """The settings in force (environment, then the TOML file) as JSON, secrets masked."""
+    # default=str: SecretStr fields print as '**********'; masked() keeps the Redis URL but its password.
     out.print_json(json.dumps(Settings().masked(), default=str))
 
 

@@ -104,6 +104,17 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Net speech (s) a recording needs before 1:1 verification decides."
     )
 
+    # --- webhooks -----------------------------------------------------------------------------------
+    webhook_retry_schedule: list[float] = Field(
+        default_factory=lambda: [5, 30, 120, 600, 1800, 7200, 21600, 43200],
+        min_length=1,
+        description="Seconds to wait before each retry of a failed webhook (±10 % jitter), as JSON; "
+        "after the last one the delivery goes to the tenant's dead letters.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, description="How long a webhook receiver has to answer one delivery."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

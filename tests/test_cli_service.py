@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import SecretStr
 
 from streamer.redis_server import RedisServer
+from streamer.settings import Settings
 from tests.server_fixtures import RunningServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,6 +160,31 @@ def test_config_masks_the_redis_password() -> None:
     settings = json.loads(shown.stdout)
     assert settings["redis_url"] == "redis://:***@db:6379/0" and settings["port"] == 9001
     assert "hunter2" not in shown.stdout
+
+
+def test_config_show_masks_every_secret_from_env_and_toml(tmp_path: Path) -> None:
+    secrets = {
+        "VPMON_REDIS_URL": "rediss://default:env-redis-password@db:6380/0",
+        "VPMON_WHIP_ICE_SERVERS": json.dumps(
+            [{"urls": "turn:turn.example:3478", "username": "u", "credential": "turn-credential"}]
+        ),
+    }
+    # Every SecretStr setting, including any added later, gets a value that must not print.
+    for name, field in Settings.model_fields.items():
+        if SecretStr in (field.annotation, *get_args(field.annotation)):
+            secrets.setdefault(f"VPMON_{name.upper()}", f"secret-{name}")
+    shown = vpmon("config", "show", env={**secrets, "VPMON_CONFIG": str(tmp_path / "absent.toml")})
+    for value in ("env-redis-password", "turn-credential", *secrets.values()):
+        assert value not in shown.stdout
+    settings = json.loads(shown.stdout)
+    assert settings["redis_url"] == "rediss://default:***@db:6380/0"
+    assert settings["whip_ice_servers"][0]["credential"] == "**********"
+
+    toml = tmp_path / "vpmon.toml"
+    toml.write_text('redis_url = "redis://:toml-redis-password@db:6379/0"\n')
+    from_file = vpmon("config", "show", env={"VPMON_CONFIG": str(toml)})
+    assert "toml-redis-password" not in from_file.stdout
+    assert json.loads(from_file.stdout)["redis_url"] == "redis://:***@db:6379/0"
 
 
 def test_reembed_a_whole_tenant_from_retained_audio(
