@@ -40,11 +40,9 @@ from verifier.calibration import Calibration
 from verifier.pipeline import VadConfig, combine_embeddings
 from verifier.scoring import cosine
 
-# Live calls use webrtcvad's mode 2 and skip windows less than 4 dB above the line's noise floor, part of
-# the setting the takeover sweep chose: on agent channels with line noise between turns they keep more
-# noise out of the evidence; files (one speaker, little silence) do slightly better with mode 1
-# (benchmarks/accuracy.py).
-LIVE_VAD = VadConfig(aggressiveness=2, min_window_snr_db=4.0)
+# Live calls skip windows less than 4 dB above the line's noise floor (line noise the VAD took for speech
+# scores like another speaker), with webrtcvad's mode 1 as for files: the setting the takeover sweep chose.
+LIVE_VAD = VadConfig(aggressiveness=1, min_window_snr_db=4.0)
 
 
 class State(StrEnum):
