@@ -23,7 +23,7 @@ from streamer.archive import AudioArchive, TenantSettingsStore
 from streamer.auth import KeyStore
 from streamer.calls_api import binding_listener
 from streamer.calls_api import router as calls_router
-from streamer.embedding import EmbeddingService
+from streamer.embedding import embedding_service
 from streamer.feeds import Feeds
 from streamer.gateway import CallRegistry
 from streamer.gateway import router as gateway_router
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             KeyStore(client),
             redis=async_client,
             feeds=Feeds(async_client),
-            embeddings=EmbeddingService(service.embedder, settings.embed_workers),
+            embeddings=embedding_service(service.embedder, settings),
             calls=CallRegistry(),
         )
         app.state.vpmon = state
@@ -160,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.whip.close_all()  # their ends go to Redis: before the client closes
+            await state.embeddings.close()
             for task in (listener, webhook_worker):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -31,6 +31,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from streamer import metrics, problems
 from streamer.auth import ApiKey, Permission
+from streamer.embedding import may_shed
 from streamer.feeds import binding_key
 from streamer.protocols import audiohook, native, twilio
 from streamer.protocols.events import (
@@ -100,12 +101,13 @@ class LiveCall:
     windows: asyncio.Queue[PendingWindow | Rebind | None] = field(
         default_factory=lambda: asyncio.Queue(_WINDOW_QUEUE)
     )
+    windows_queued: int = 0  # numbers the call's windows, for the embedding pool's thinning (one in k)
 
 
 @dataclass(frozen=True)
 class PendingWindow:
     window: SpeechWindow
-    embedding: asyncio.Task[np.ndarray]
+    embedding: asyncio.Task[np.ndarray | None]  # None: shed under load (streamer/embedding.py)
     ended_at: float  # time.monotonic() when the VAD closed the window
 
 
@@ -343,10 +345,15 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
 
 
 async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) -> None:
-    # The task starts embedding at once (in a worker thread); the verdict loop awaits tasks in order.
+    # The task queues the window for the embedding pool at once; the verdict loop awaits tasks in order.
+    # A call verified with confidence (its last verdict) may spare windows when the pool is behind.
     ended_at = time.monotonic()
     metrics.WINDOWS.labels(call.session.protocol).inc()
-    task = asyncio.create_task(state.embeddings.embed(window.samples, ended_at))
+    sequence, sheddable = call.windows_queued, may_shed(call.session)
+    call.windows_queued += 1
+    task = asyncio.create_task(
+        state.embeddings.embed(window.samples, ended_at, sheddable=sheddable, sequence=sequence)
+    )
     await call.windows.put(PendingWindow(window, task, ended_at))
 
 
@@ -369,6 +376,8 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
         except VpmonError as exc:
             log.warning("window not embedded: %s", exc, extra=ids(call))
             continue
+        if embedding is None:
+            continue  # shed: the pool was behind and this call was verified with confidence (counted)
         try:
             await publish(state, call, call.session.observe(item.window, embedding))
             latency = time.monotonic() - item.ended_at

@@ -18,6 +18,11 @@ vpmon_speech_windows_too_noisy_total{…}      speech windows not scored: too li
 vpmon_embedding_seconds                      one embedding call (a batch), in its worker thread
 vpmon_embedding_batch_windows                windows per embedding call
 vpmon_embedding_queue_delay_seconds          a window's end (the VAD closed it) → its embedding starts
+vpmon_embedding_queue_windows                windows waiting for the embedding pool now
+vpmon_embedding_shed_windows_total{outcome}  windows not embedded as the pool was behind: thinned (a call
+                                             verified with confidence skipped a window), dropped (such
+                                             a call's queued window given up), overflow (the queue was
+                                             full of other windows; streamer/embedding_queue.py)
 vpmon_verdict_latency_seconds{protocol}      a window's end → its verdict is in Redis and sent to the peer
 vpmon_verdicts_total{protocol,state}         verdicts, by the call state they decided
 vpmon_alerts_total{protocol,outcome}         alerts (outcome takeover) and notices (agent_not_enrolled,
@@ -30,7 +35,8 @@ vpmon_redis_connects_total                   connections the gateway's asyncio R
                                              reconnect (Redis restarted, a dropped connection)
 vpmon_whip_peer_connections                  WebRTC peer connections open now
 
-``*_total`` are counters; ``vpmon_calls_active`` and ``vpmon_whip_peer_connections`` are gauges; the
+``*_total`` are counters; ``vpmon_calls_active``, ``vpmon_embedding_queue_windows`` and
+``vpmon_whip_peer_connections`` are gauges; the
 ``*_seconds`` without ``_total`` and ``vpmon_embedding_batch_windows`` are histograms (``_bucket``,
 ``_sum``, ``_count``), ``vpmon_build_info`` an info metric.
 
@@ -59,6 +65,7 @@ disable_created_metrics()
 PROTOCOLS = ("twilio", "audiohook", "native", "whip")
 VERDICT_STATES = ("agent_unknown", "warming_up", "verified", "suspect", "mismatch")
 ALERT_OUTCOMES = ("takeover", "agent_not_enrolled", "model_mismatch")
+SHED_OUTCOMES = ("thinned", "dropped", "overflow")  # streamer/embedding_queue.py's Shed
 # Close codes the adapters use (streamer/protocols/events.py, streamer/gateway.py); a peer's other codes
 # are counted as "other", so a peer cannot make new series.
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1008, 1009, 1011, 1012, 1013, 4001, 4004, 4009})
@@ -97,6 +104,12 @@ EMBEDDING_QUEUE_DELAY = Histogram(
     "From a window's end (the VAD closed it) to the start of its embedding.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+EMBEDDING_QUEUE = Gauge("vpmon_embedding_queue_windows", "Windows waiting for the embedding pool.")
+EMBEDDING_SHED = Counter(
+    "vpmon_embedding_shed_windows_total",
+    "Windows not embedded as the embedding pool was behind, by what happened to them.",
+    ["outcome"],
+)
 VERDICT_LATENCY = Histogram(
     "vpmon_verdict_latency_seconds",
     "From a window's end to its verdict, written to Redis and sent to the peer.",
@@ -124,6 +137,8 @@ for _protocol in PROTOCOLS:
         VERDICTS.labels(_protocol, _state)
     for _outcome in ALERT_OUTCOMES:
         ALERTS.labels(_protocol, _outcome)
+for _outcome in SHED_OUTCOMES:
+    EMBEDDING_SHED.labels(_outcome)
 
 
 def close_code(code: int | None) -> str:

@@ -61,6 +61,24 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535, description="Port the server listens on.")
     embed_threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per inference.")
     embed_workers: int = Field(2, ge=1, le=64, description="Uploads embedded at the same time.")
+    embedding_mode: Literal["pool", "naive"] = Field(
+        "pool",
+        description="Live calls' windows: batched across calls in worker threads (pool), or each embedded "
+        "alone on the event loop (naive: the load benchmark's baseline, never for production).",
+    )
+    embedding_workers: int = Field(
+        2, ge=1, le=64, description="Worker threads of the embedding pool, each running one batch at a time."
+    )
+    embedding_threads: int = Field(
+        1, ge=1, le=64, description="onnxruntime threads per batch of the embedding pool."
+    )
+    embedding_max_batch: int = Field(16, ge=1, le=256, description="Most windows in one embedding batch.")
+    embedding_max_wait_ms: float = Field(
+        5.0, ge=0, le=100, description="How long a batch waits for windows of other calls to join it."
+    )
+    embedding_queue_windows: int = Field(
+        256, ge=1, description="Most windows waiting for the embedding pool; beyond, windows are shed."
+    )
 
     # --- live calls ---------------------------------------------------------------------------------
     public_url: str | None = Field(

@@ -10,6 +10,7 @@ onnxruntime releases the GIL while it runs, so callers may use an Embedder from 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,8 +93,7 @@ class Embedder:
         if rules.partial_frames is None:
             # Crop the audio, not the features, so that mean normalisation sees exactly what the model does.
             width = int(self.spec.sample_rate * self.spec.frontend.frame_length_ms / 1000)
-            frames = 1 + (len(samples) - width) // hop
-            keep = max(self.bucket_frames, frames - frames % self.bucket_frames)
+            keep = self._kept_frames(len(samples))
             return [compute_features(samples[: width + (keep - 1) * hop], self.spec.frontend)]
         n_frames = len(samples) // hop + 1
         step = max(1, round(self.spec.frontend.frames_per_second / rules.partial_rate))
@@ -103,6 +103,23 @@ class Embedder:
             samples = np.pad(samples, (0, needed - len(samples)))
         features = compute_features(samples, self.spec.frontend, self.spec.sample_rate)
         return [features[s] for s in slices]
+
+    def _kept_frames(self, n_samples: int) -> int:
+        """Feature frames of a window of ``n_samples`` after cropping to a multiple of ``bucket_frames``."""
+        hop = int(self.spec.sample_rate * self.spec.frontend.frame_shift_ms / 1000)
+        width = int(self.spec.sample_rate * self.spec.frontend.frame_length_ms / 1000)
+        frames = 1 + (n_samples - width) // hop
+        return max(self.bucket_frames, frames - frames % self.bucket_frames)
+
+    def batch_key(self, n_samples: int) -> int:
+        """Windows with equal keys give network inputs of one length, so they run in one onnxruntime call
+        (the network frames of the window, or of its first piece when it is cut; 0 for models of fixed
+        partials, whose windows all batch together)."""
+        if self.spec.windows.partial_frames is not None:
+            return 0
+        if n_samples > self.max_samples:  # cut into near-equal pieces (_pieces); the first is the longest
+            n_samples = math.ceil(n_samples / math.ceil(n_samples / self.max_samples))
+        return self._kept_frames(n_samples)
 
     def _pieces(self, samples: np.ndarray) -> list[np.ndarray]:
         """Audio longer than the model's maximum is cut into near-equal pieces."""
