@@ -235,7 +235,9 @@ function alertItem(alert) {
   const facts = document.createElement("span");
   facts.className = "facts";
   const parts = [`call ${data.call_id}`, data.site ? `site ${data.site}` : null];
-  if (data.score != null) parts.push(`score ${data.score.toFixed(2)} < ${data.threshold.toFixed(2)}`);
+  if (data.score != null) parts.push(`score ${data.score.toFixed(2)} (verified at ${data.threshold.toFixed(2)})`);
+  // The alert itself is raised by the impostor evidence (a CUSUM of window LLRs, verifier/decision.py).
+  if (data.impostor_evidence != null) parts.push(`impostor evidence ${data.impostor_evidence.toFixed(1)}`);
   if (data.net_speech_seconds != null) parts.push(`${data.net_speech_seconds.toFixed(1)} s of speech`);
   if (data.impostor_since != null) parts.push(`since ${data.impostor_since.toFixed(0)} s into the call`);
   parts.push(clock(Number(alert.id.split("-")[0])));
