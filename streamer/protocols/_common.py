@@ -107,11 +107,22 @@ class AdapterBase:
         if self.phase is Phase.LIVE:
             self._end(reason)
 
+    # Whether the client gets verdict and alert frames ({"type": "verdict" | "alert", …}): the native
+    # protocol and WHIP's data channel do; telephony protocols have no channel back for them.
+    pushes_verdicts = False
+
     def send_verdict(self, verdict: Mapping[str, object]) -> None:
-        """Nothing by default: most telephony protocols have no channel back to the client for this."""
+        self._send_typed("verdict", verdict)
 
     def send_alert(self, alert: Mapping[str, object]) -> None:
-        """Nothing by default, as ``send_verdict``."""
+        self._send_typed("alert", alert)
+
+    def _send_typed(self, kind: str, body: Mapping[str, object]) -> None:
+        if not self.pushes_verdicts:
+            return
+        message = {"type": kind, **body}
+        message["type"] = kind  # a "type" key in the body must not change what the client sees
+        self._send_json(message, after_stop=True)
 
     # -- for subclasses
 

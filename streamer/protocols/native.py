@@ -24,7 +24,7 @@ Close codes follow ``_common``: 1003 for frames we cannot use, 1002 for messages
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast, get_args
 
@@ -70,6 +70,8 @@ class _Format:
 class NativeStream(AdapterBase):
     """One call on the vpmon native protocol (see the module docstring for the messages)."""
 
+    pushes_verdicts = True  # verdict and alert frames, after a normal stop too
+
     def __init__(
         self,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -88,17 +90,6 @@ class NativeStream(AdapterBase):
         }
 
     # -- to the client
-
-    def send_verdict(self, verdict: Mapping[str, object]) -> None:
-        self._send_typed("verdict", verdict)
-
-    def send_alert(self, alert: Mapping[str, object]) -> None:
-        self._send_typed("alert", alert)
-
-    def _send_typed(self, kind: str, body: Mapping[str, object]) -> None:
-        message = {"type": kind, **body}
-        message["type"] = kind  # a "type" key in the body must not change what the client sees
-        self._send_json(message, after_stop=True)
 
     def _queue_goodbye(self, code: int, reason: str) -> None:
         self._send_json({"type": "error", "code": code, "reason": reason})

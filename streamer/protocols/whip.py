@@ -181,6 +181,8 @@ class WhipCall(AdapterBase):
     """One WebRTC call's audio (see the module docstring). ``start()`` queues ``CallStarted``; then
     ``receive_audio`` per decoded frame, and ``stop()`` when the publisher DELETEs the session."""
 
+    pushes_verdicts = True  # verdict and alert frames, after a normal stop too
+
     def __init__(self, call_id: str, codec: Codec, agent_id: str | None = None) -> None:
         super().__init__()
         self.call_id = call_id
@@ -283,17 +285,6 @@ class WhipCall(AdapterBase):
         return start
 
     # -- to the publisher (the data channel)
-
-    def send_verdict(self, verdict: Mapping[str, object]) -> None:
-        self._send_typed("verdict", verdict)
-
-    def send_alert(self, alert: Mapping[str, object]) -> None:
-        self._send_typed("alert", alert)
-
-    def _send_typed(self, kind: str, body: Mapping[str, object]) -> None:
-        message = {"type": kind, **body}
-        message["type"] = kind  # as the native protocol: a "type" key in the body changes nothing
-        self._send_json(message, after_stop=True)
 
     def _queue_goodbye(self, code: int, reason: str) -> None:
         self._send_json({"type": "error", "code": code, "reason": reason})
