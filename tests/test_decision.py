@@ -14,7 +14,7 @@ from verifier.decision import CallDecision, DecisionPolicy, Evidence, State
 from verifier.embedder import Embedder
 from verifier.errors import AudioError
 from verifier.pipeline import VadConfig
-from verifier.stream import AgentAudio
+from verifier.stream import AgentAudio, FrameHistory, percentile
 
 MODEL = "campplus-zh-en-16k"
 
@@ -66,6 +66,27 @@ def test_quiet_lines_are_levelled_for_the_vad(telephone_devset: Path) -> None:
     loud = windows_of(AgentAudio("mulaw", 8000), encode_mulaw(speech), 160)
     quiet = windows_of(AgentAudio("mulaw", 8000), encode_mulaw(speech * 10 ** (-25 / 20)), 160)
     assert sum(w.speech_seconds for w in quiet) >= 0.9 * sum(w.speech_seconds for w in loud)
+
+
+def test_the_running_levels_percentile_is_numpys_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        values = rng.random(rng.integers(1, 600)) ** rng.integers(1, 6)
+        if rng.random() < 0.3:
+            values = np.round(values, 2)  # ties
+        for q in (0, 10, 50, 95, 100):
+            assert percentile(values, q) == np.percentile(values, q)
+
+
+def test_frame_history_keeps_the_newest_in_order() -> None:
+    history = FrameHistory(5)
+    assert len(history.view()) == 0
+    history.extend(np.arange(3.0))
+    assert history.view().tolist() == [0, 1, 2]
+    history.extend(np.arange(3.0, 7.0))
+    assert history.view().tolist() == [2, 3, 4, 5, 6]
+    history.extend(np.arange(7.0, 19.0))  # more than it holds at once
+    assert history.view().tolist() == [14, 15, 16, 17, 18]
 
 
 def test_bad_formats_are_refused() -> None:

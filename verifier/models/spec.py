@@ -83,6 +83,10 @@ class ModelSpec:
     builder: str | None = None  # "module:function" turning the state dict into an ONNX model
     onnx_path: Path | None = None
     citation: str = ""
+    # An INT8 variant: the id of the float model it is quantised from (verifier/models/quantise.py), with
+    # the activation ranges shipped as calibration/<id>.ranges.json. Its embeddings are close to the float
+    # model's but not equal, so it has its own id, score calibration and voiceprints.
+    quantised_from: str | None = None
 
     def with_onnx(self, path: Path) -> ModelSpec:
         return replace(self, onnx_path=path)
