@@ -7,18 +7,23 @@ runs in worker threads (``AppState.run``) so the event loop keeps serving live c
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from streamer import metrics
+from streamer import metrics, problems
 from streamer.auth import ApiKey, Permission, Role
+from streamer.limits import retry_after
 from streamer.service import EnrolResult, Side, Upload
 from streamer.state import AppState
-from streamer.store import SearchHit, Voiceprint, check_label
+from streamer.store import MAX_PAGE_OFFSET, SearchHit, Voiceprint, check_label
 from verifier.enrolment import RecordingReport
 from verifier.scoring import Verdict
 
@@ -40,15 +45,48 @@ def require(permission: Permission) -> Callable[..., Any]:
         challenge = {"WWW-Authenticate": 'Bearer realm="vpmon"'}
         if credentials is None:
             raise HTTPException(401, "send an API key: Authorization: Bearer vpk_…", challenge)
-        key = await state(request).run_io(state(request).keys.authenticate, credentials.credentials)
+        key = await authenticate(state(request), credentials.credentials)
         if key is None:
             raise HTTPException(401, "the API key is unknown, malformed or revoked", challenge)
+        # Counted per key once it is authenticated: nobody can spend another key's requests.
+        limiter = state(request).limits.requests
+        if wait := limiter.check(key.key_id):
+            detail = (
+                f"this key is over {limiter.rate:g} requests a second (bursts of {limiter.burst}) on this "
+                "gateway (VPMON_KEY_REQUESTS_PER_SECOND, VPMON_KEY_REQUEST_BURST): retry after Retry-After"
+            )
+            raise HTTPException(429, detail, {"Retry-After": retry_after(wait)})
         if not key.can(permission):
             raise HTTPException(403, f"a {key.role.value} key may not do this (needs {permission.value})")
         request.state.key = key
         return key
 
     return dependency
+
+
+# While Redis cannot be reached, a key this gateway verified up to this long before Redis last verified
+# one still authenticates: probes and scrapes then see the degraded gateway (/readyz, /metrics) instead of
+# failing on the key check. (A revocation in those last minutes before an outage waits for its end.)
+KEY_GRACE_S = 300.0
+
+
+async def authenticate(app: AppState, token: str) -> ApiKey | None:
+    """The key a token belongs to (see ``KeyStore.authenticate``), through a Redis outage if it was
+    verified shortly before it."""
+    digest = hashlib.sha256(token.encode()).digest()
+    try:
+        key = await app.run_io(app.keys.authenticate, token)
+    except (redis.ConnectionError, redis.TimeoutError):
+        known = app.verified_keys.get(digest)
+        if known is None or known[1] < app.keys_checked_at - KEY_GRACE_S:
+            raise
+        return known[0]
+    if key is None:
+        app.verified_keys.pop(digest, None)
+        return None
+    app.keys_checked_at = time.monotonic()  # a key found: Redis answered
+    app.verified_keys[digest] = (key, app.keys_checked_at)
+    return key
 
 
 Health = Annotated[ApiKey, Depends(require(Permission.HEALTH))]
@@ -251,6 +289,9 @@ class HealthOut(BaseModel):
     model_id: str | None = None
     store_backend: str | None = None
     tenant: str | None = None
+    alerts_spooled: int | None = Field(
+        None, description="/readyz: alerts in this gateway's local spool, waiting to be written to Redis."
+    )
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -324,7 +365,7 @@ async def list_voiceprints(
     request: Request,
     key: Reader,
     site: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_PAGE_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> VoiceprintPage:
     app = state(request)
@@ -505,18 +546,47 @@ async def healthz(key: Health) -> HealthOut:
     return HealthOut(status="ok", tenant=key.tenant)
 
 
-@router.get("/readyz", tags=["health"], responses={503: {"description": "Not ready"}})
-async def readyz(request: Request, response: Response, key: Health) -> HealthOut:
-    """Readiness: Redis answers and has loaded its data, and the model is loaded."""
+@router.get(
+    "/readyz",
+    tags=["health"],
+    response_model=HealthOut,
+    responses={
+        503: {
+            "model": HealthOut,
+            "description": "Not ready: Redis is loading its data, alerts spooled in an outage are being "
+            "written to it, or (a problem) it cannot be reached.",
+            "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA_REF}},
+        }
+    },
+)
+async def readyz(request: Request, response: Response, key: Health) -> HealthOut | JSONResponse:
+    """Readiness: Redis answers and has loaded its data, no alert waits in the local spool, and the model
+    is loaded. While Redis cannot be reached: a problem that says so and how many alerts are spooled
+    (live calls go on meanwhile; see streamer/spool.py)."""
     app = state(request)
-    ready = await app.run_io(app.service.store.ready)
+    spooled = app.outbox.spooled
+    try:
+        ready = await app.run_io(app.service.store.ready)
+    except (redis.ConnectionError, redis.TimeoutError):
+        return problems.problem(
+            503, "store-unavailable", "Voiceprint store unavailable",
+            f"Redis cannot be reached: live calls go on with the voiceprints they hold, new calls are "
+            f"refused; {spooled} alerts are spooled on this gateway and are written when Redis returns",
+            {"Retry-After": "5"}, alerts_spooled=spooled,
+        )  # fmt: skip
+    status = "ready"
     if not ready:
+        status = "loading"
+    elif not app.outbox.writable:
+        status = "flushing"  # Redis answers; the spooled alerts are on their way to it
+    if status != "ready":
         response.status_code = 503
     return HealthOut(
-        status="ready" if ready else "loading",
+        status=status,
         model_id=app.service.model_id,
         store_backend=app.service.store.backend,
         tenant=key.tenant,
+        alerts_spooled=spooled,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from streamer.logs import log_config
 from streamer.redis_server import embedded_url
 from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
+from streamer.spool import Outbox, redis_dir_name
 from streamer.state import AppState
 from streamer.store import connect, open_store
 from streamer.supervisor import mount_supervisor_page
@@ -48,6 +50,7 @@ log = logging.getLogger("vpmon.server")
 
 
 REDIS_POOL_WAIT_S = 10.0  # for a free connection, before the command fails as Redis unavailable
+REDIS_SOCKET_TIMEOUT_S = 5.0  # for a reply; the SSE feeds block for less (streamer/feeds.py)
 
 
 def redis_client(settings: Settings) -> redis.Redis:  # for the CLI
@@ -118,6 +121,17 @@ class _TooLarge(Exception):
     pass
 
 
+async def resubscribing(state: AppState) -> None:
+    """The binding listener (streamer/calls_api.py), subscribed again whenever Redis drops it: an outage
+    must not leave live calls deaf to bindings made on other gateways once Redis is back."""
+    while True:
+        try:
+            await binding_listener(state)
+        except redis.RedisError as exc:
+            log.warning("binding listener: Redis unavailable (%s); subscribing again", exc)
+        await asyncio.sleep(1.0)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -131,26 +145,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url,
             protocol=2,
             socket_connect_timeout=5.0,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
             max_connections=settings.redis_max_connections,
             timeout=REDIS_POOL_WAIT_S,
             redis_connect_func=metrics.redis_connected,
         )
         async_client = aredis.Redis(connection_pool=pool)
         service = build_service(settings, client)
+        feeds = Feeds(async_client)
+        gateway_id = secrets.token_hex(6)
+        spool_dir = (settings.spool_dir or provision.default_home() / "spool") / redis_dir_name(url)
         state = AppState(
             settings,
             service,
             KeyStore(client),
             redis=async_client,
-            feeds=Feeds(async_client),
+            feeds=feeds,
             embeddings=embedding_service(service.embedder, settings),
             calls=CallRegistry(),
+            outbox=Outbox(feeds, spool_dir, gateway_id),
+            gateway_id=gateway_id,
         )
         app.state.vpmon = state
         app.state.whip = WhipSessions(settings)
         metrics.BUILD.info({"version": app.version, "model": service.model_id})
         metrics.WHIP_PEER_CONNECTIONS.set_function(lambda: len(app.state.whip.peer_connections))
-        listener = asyncio.create_task(binding_listener(state))
+        metrics.REDIS_UP.set_function(lambda: int(state.outbox.writable))
+        metrics.SPOOLED_ALERTS.set_function(lambda: state.outbox.spooled)
+        await state.outbox.flush()  # before serving: alerts that stopped gateways spooled come first
+        flusher = asyncio.create_task(state.outbox.run())
+        listener = asyncio.create_task(resubscribing(state))
         webhooks = WebhookWorker(
             async_client, state.gateway_id, settings.webhook_retry_schedule, settings.webhook_timeout_seconds
         )
@@ -161,10 +185,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.whip.close_all()  # their ends go to Redis: before the client closes
             await state.embeddings.close()
-            for task in (listener, webhook_worker):
+            for task in (listener, webhook_worker, flusher):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await state.outbox.close()
             await async_client.aclose()
             client.close()
 
@@ -180,14 +205,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    app.include_router(router)
-    app.include_router(calls_router)
-    app.include_router(gateway_router)
-    app.include_router(whip_router)
-    app.include_router(webhooks_router)
+    for routes in (router, calls_router, gateway_router, whip_router, webhooks_router):
+        app.include_router(routes, responses=problems.RESPONSES)
+    app.openapi = lambda: problems.openapi_components(FastAPI.openapi(app))  # type: ignore[method-assign]
     mount_supervisor_page(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
     return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn waits for every open response to end before it stops; the SSE feeds never end by
+    themselves, so the gateway says it is stopping and they end at their next keep-alive (≤ 4 s)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        vpmon = getattr(self.config.app.state, "vpmon", None)
+        if vpmon is not None:
+            vpmon.stopping = True
+        super().handle_exit(sig, frame)
 
 
 def serve(settings: Settings, **uvicorn_options: Any) -> None:
@@ -199,10 +233,10 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         ws_max_size=1024 * 1024,  # the adapters refuse much less; this bounds what uvicorn buffers
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
-        log_level="info",
-        log_config=log_config("info"),
+        log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         proxy_headers=False,
         server_header=False,
         **uvicorn_options,
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from streamer.api import Monitor, state
 from streamer.feeds import alerts_key, binding_channel, binding_key, verdicts_key
@@ -140,7 +141,9 @@ async def recent_alerts(
     ]
 
 
-_STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+# Redis stream ids are two 64-bit numbers; at most 19 digits each keeps them in range (a larger one
+# makes Redis refuse the id, which would be a server error).
+_STREAM_ID = r"^[0-9]{1,19}-[0-9]{1,19}$"
 
 
 @router.post("/v1/alerts/{event_id}/ack", tags=["calls"])
@@ -165,17 +168,31 @@ async def acknowledge_alert(
 def _sse(app: AppState, key: str, after: str | None) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
-        async for entry in app.feeds.follow(key, after):
-            yield ": keep-alive\n\n" if entry is None else entry.sse()
+        try:
+            async for entry in app.feeds.follow(key, after):
+                if app.stopping:
+                    return  # the client resumes from its Last-Event-ID on the next gateway
+                yield ": keep-alive\n\n" if entry is None else entry.sse()
+        except RedisError as exc:
+            # The response has started, so no problem body can follow: end the stream. The client
+            # reconnects after the retry delay and resumes with Last-Event-ID once Redis is back.
+            log.warning("event stream ended: Redis failed (%s); the client will resume", exc)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
+# What the OpenAPI document says of the feeds' 200: an event stream, not JSON.
+_SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events, until the client disconnects.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 LastEventId = Annotated[str | None, Header(pattern=_STREAM_ID, description="Resume after this event id.")]
 
 
-@router.get("/v1/alerts/stream", tags=["calls"], response_class=StreamingResponse)
+@router.get("/v1/alerts/stream", tags=["calls"], response_class=StreamingResponse, responses=_SSE_RESPONSE)
 async def alert_stream(
     request: Request, key: Monitor, last_event_id: LastEventId = None
 ) -> StreamingResponse:
@@ -185,7 +202,7 @@ async def alert_stream(
     return _sse(state(request), alerts_key(key.tenant), last_event_id)
 
 
-@router.get("/v1/calls/stream", tags=["calls"], response_class=StreamingResponse)
+@router.get("/v1/calls/stream", tags=["calls"], response_class=StreamingResponse, responses=_SSE_RESPONSE)
 async def call_stream(request: Request, key: Monitor, last_event_id: LastEventId = None) -> StreamingResponse:
     """Verdicts and call starts/ends as Server-Sent Events (``event: verdict|call``)."""
     return _sse(state(request), verdicts_key(key.tenant), last_event_id)

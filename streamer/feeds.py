@@ -10,6 +10,9 @@
   (HEXPIRE) ``ended_call_ttl`` seconds after the end, so the list shows recent calls too.
 - ``vpbind:{<tenant>}:<call id>``: the agent bound to a call through the API (a HASH with a TTL), and the
   pub/sub channel ``vpbind:{<tenant>}`` that tells the gateway holding the call.
+- ``vpalert-ids:{<tenant>}``: a HASH alert id (the gateway's, in the alert's data) → its stream id, each
+  field expiring ``ALERT_ID_TTL_S`` after it was written: the stream takes each alert once, however often
+  it is written (a retry after an ambiguous failure, a spool flushed twice: streamer/spool.py).
 - ``vpacks:{<tenant>}``: a HASH alert event id → who acknowledged it and when (JSON), written once; the
   same acknowledgement is added to the alert stream as an ``ack`` entry, so every supervisor's feed shows
   it live and replays it after a reconnect. Readers of the stream that want alerts only (webhooks) skip
@@ -33,6 +36,9 @@ NOTICE = "notice"
 VERDICT = "verdict"
 CALL = "call"
 ACK = "ack"
+# A feed's XREAD blocks for less than the Redis client's socket timeout (redis-py's default, 5 s, which
+# the gateway keeps: streamer/app.py), else a quiet feed's read times out and breaks the SSE response.
+FOLLOW_BLOCK_MS = 4_000
 
 
 def alerts_key(tenant: str) -> str:
@@ -45,6 +51,10 @@ def verdicts_key(tenant: str) -> str:
 
 def calls_key(tenant: str) -> str:
     return f"vpcalls:{{{tenant}}}"
+
+
+def alert_ids_key(tenant: str) -> str:
+    return f"vpalert-ids:{{{tenant}}}"
 
 
 def acks_key(tenant: str) -> str:
@@ -87,19 +97,48 @@ return 0
 """
 
 
+# Longer than any outage a spool is expected to outlast: an alert written once, then again from a spool
+# after this long, would be added twice.
+ALERT_ID_TTL_S = 7 * 24 * 3600
+
+# An alert and the record of its id in one step (both keys share the tenant's hash tag; AOF keeps a
+# script's writes together): the first write of an id adds the entry, any later one returns its stream id.
+# Not XADD with an id of our own: entries flushed after an outage must come after everything a feed or a
+# webhook consumer group has read already, so they take the stream's next ids.
+_ADD_ALERT_ONCE = """
+local found = redis.call('HGET', KEYS[1], ARGV[1])
+if found then return found end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', ARGV[3], 'data', ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], id)
+redis.call('HEXPIRE', KEYS[1], ARGV[5], 'FIELDS', 1, ARGV[1])
+return id
+"""
+
+
 class Feeds:
     def __init__(self, client: aredis.Redis, retention: Retention = Retention()) -> None:
         self.client = client
         self.retention = retention
         self._acknowledge_once = client.register_script(_ACKNOWLEDGE_ONCE)
+        self._add_alert_once = client.register_script(_ADD_ALERT_ONCE)
 
     # --- writing --------------------------------------------------------------------------------
     async def add_alert(self, tenant: str, kind: str, data: Mapping[str, Any]) -> str:
-        """Durable: returns the stream id once Redis has it (AOF, fsync every second)."""
-        entry = {"kind": kind, "data": json.dumps(data, separators=(",", ":"))}
-        stream_id = await self.client.xadd(
-            alerts_key(tenant), entry, maxlen=self.retention.alerts, approximate=True
-        )
+        """Durable: returns the stream id once Redis has it (AOF, fsync every second). An alert whose data
+        carries an ``alert_id`` is added once, however often it is written: a repeat returns the first
+        write's stream id."""
+        text = json.dumps(data, separators=(",", ":"))
+        alert_id = data.get("alert_id")
+        if alert_id is None:
+            entry = {"kind": kind, "data": text}
+            stream_id = await self.client.xadd(
+                alerts_key(tenant), entry, maxlen=self.retention.alerts, approximate=True
+            )
+        else:
+            stream_id = await self._add_alert_once(
+                keys=[alert_ids_key(tenant), alerts_key(tenant)],
+                args=[alert_id, self.retention.alerts, kind, text, ALERT_ID_TTL_S],
+            )
         return stream_id.decode()
 
     async def add_verdict(self, tenant: str, kind: str, data: Mapping[str, Any]) -> str:
@@ -171,7 +210,7 @@ class Feeds:
         return {i: json.loads(v) for i, v in zip(ids, found, strict=True) if v is not None}
 
     async def follow(
-        self, key: str, after: str | None, block_ms: int = 15_000
+        self, key: str, after: str | None, block_ms: int = FOLLOW_BLOCK_MS
     ) -> AsyncIterator[FeedEntry | None]:
         """With ``after`` (a stream id, e.g. an SSE ``Last-Event-ID``): every retained entry after it,
         then new ones as they come; without: new ones only. Yields None after ``block_ms`` without

@@ -6,6 +6,11 @@ come back in order to the call's decision; verdicts, alerts and notices go to Re
 (``streamer/feeds.py``), then to the peer where its protocol can carry them. One bad call never touches
 another: every failure ends only its own connection, with the protocol's close.
 
+A Redis outage does not stop a live call: its agent's voiceprint is in its session, its alerts are spooled
+locally and reach Redis when it returns, its verdicts still reach the peer (``streamer/spool.py``). What
+needs Redis to begin — a new call's key, its agent's voiceprint, a transfer to another agent — is refused
+while it is away (HTTP 503 at the upgrade, or close 1011).
+
 Routes (one port with the REST API):
     /v1/streams/twilio/{tenant}   Twilio Media Streams; X-Twilio-Signature with the tenant's auth token
     /v1/streams/audiohook         Genesys AudioHook v2; X-API-KEY (a monitor key), optional signature
@@ -20,12 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
+import redis
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
@@ -33,6 +42,7 @@ from streamer import metrics, problems
 from streamer.auth import ApiKey, Permission
 from streamer.embedding import may_shed
 from streamer.feeds import binding_key
+from streamer.limits import CallSlot
 from streamer.protocols import audiohook, native, twilio
 from streamer.protocols.events import (
     CLOSE_NORMAL,
@@ -165,6 +175,11 @@ class LiveCall:
     windows_queued: int = 0  # numbers the call's windows, for the embedding pool's thinning (one in k)
     # The call's own counter child: ``labels()`` per 20 ms frame cost ≈ 1.8 µs, the child's inc 0.2 µs.
     frames_received: Any = field(init=False)
+    # Alert ids: the call id, a token of this stream of the call (a call id may stream again, e.g. after a
+    # reconnect, and its alerts are other alerts), and the alert's number in it. The alert stream takes
+    # each id once, so a write retried after an outage is never a second alert.
+    stream_token: str = field(default_factory=lambda: secrets.token_hex(4))
+    alert_numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
         self.frames_received = metrics.FRAMES_RECEIVED.labels(self.session.protocol)
@@ -235,7 +250,7 @@ async def native_stream(websocket: WebSocket) -> None:
     state = app_state(websocket)
     await websocket.accept()
     protocol = native.NativeStream(max_frame_bytes=state.settings.max_frame_bytes)
-    await run_call(websocket, protocol, key.tenant, "native")
+    await run_call(websocket, protocol, key.tenant, "native", limit_key=f"key:{key.key_id}")
 
 
 @router.websocket("/v1/streams/twilio/{tenant}")
@@ -256,7 +271,7 @@ async def twilio_stream(websocket: WebSocket, tenant: str) -> None:
         return
     await websocket.accept()
     protocol = twilio.TwilioMediaStream(agent_track=state.settings.twilio_agent_track)
-    await run_call(websocket, protocol, tenant, "twilio")
+    await run_call(websocket, protocol, tenant, "twilio", limit_key=f"tenant:{tenant}")  # no key: per tenant
 
 
 @router.websocket("/v1/streams/audiohook")
@@ -292,7 +307,8 @@ async def audiohook_stream(websocket: WebSocket) -> None:
         auth_error=auth_error,
         organization_id=headers["audiohook-organization-id"],
     )
-    await run_call(websocket, protocol, key.tenant if key is not None else None, "audiohook")
+    tenant, limit_key = (key.tenant, f"key:{key.key_id}") if key is not None else (None, "")
+    await run_call(websocket, protocol, tenant, "audiohook", limit_key=limit_key)
 
 
 async def first_use(state: AppState, signature: str) -> bool:
@@ -321,10 +337,15 @@ def public_url(websocket: WebSocket) -> str:
 
 
 # --- one call ---------------------------------------------------------------------------------------
-async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | None, name: str) -> None:
+async def run_call(
+    websocket: WebSocket, protocol: CallProtocol, tenant: str | None, name: str, limit_key: str
+) -> None:
+    """``limit_key``: what the call counts against under VPMON_KEY_MAX_CALLS (``key:<key id>``, or
+    ``tenant:<tenant>`` for Twilio, whose upgrade carries no key)."""
     state = app_state(websocket)
     transport = WebSocketTransport(websocket)
     call: LiveCall | None = None
+    slot: CallSlot | None = None
     consumer: asyncio.Task[None] | None = None
     idle = state.settings.ws_idle_seconds
     watch = IdleWatch(idle)
@@ -353,6 +374,9 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
                 if isinstance(event, CallStarted):
                     if tenant is None:  # AudioHook with a failed key: the adapter has disconnected
                         continue
+                    slot = admit(state, protocol, tenant, limit_key)
+                    if slot is None:
+                        continue
                     call = await start_call(state, transport, protocol, tenant, name, event)
                     if call is not None:
                         consumer = asyncio.create_task(verdict_loop(state, call))
@@ -368,6 +392,8 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
         await flush(transport, protocol, call)
         if close is not None:
             metrics.CALL_CLOSES.labels(name, metrics.close_code(close.code)).inc()
+            if slot is not None:
+                slot.release()  # before the peer hears the close: its next call may follow at once
             await transport.close(close.code, close.reason)
     except WebSocketDisconnect as exc:
         metrics.CALL_CLOSES.labels(name, metrics.close_code(exc.code)).inc()
@@ -375,8 +401,24 @@ async def run_call(websocket: WebSocket, protocol: CallProtocol, tenant: str | N
         await handle_events(state, protocol, call)
     finally:
         watch.stop()
+        if slot is not None:
+            slot.release()  # however the call ended; a second release counts nothing
         if call is not None:
             await end_call(state, call, consumer)
+
+
+def admit(state: AppState, protocol: CallProtocol, tenant: str, limit_key: str) -> CallSlot | None:
+    """A slot for a new call under VPMON_KEY_MAX_CALLS, or None: the call is refused the protocol's way
+    (close 1008; AudioHook: a disconnect with reason "error", then the close)."""
+    slot = state.limits.calls.acquire(limit_key)
+    if slot is None:
+        limit, kind = state.limits.calls.limit, limit_key.partition(":")[0]
+        log.warning("call refused: %s holds %d calls here", limit_key, limit, extra={"tenant": tenant})
+        protocol.fail(
+            CLOSE_POLICY_VIOLATION,
+            f"too many calls at once for this {kind}: {limit} on this gateway (VPMON_KEY_MAX_CALLS)",
+        )
+    return slot
 
 
 async def handle_events(state: AppState, protocol: CallProtocol, call: LiveCall | None) -> None:
@@ -431,9 +473,20 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
         if item is None:
             return
         if isinstance(item, Rebind):
-            await bind(state, call, item.agent_id, item.agent_channel, item.in_band)
-            if item.in_band and call.session.state in (CallState.NOT_ENROLLED, CallState.MODEL_MISMATCH):
-                # bind() failed the call (the new agent cannot be verified): close it now
+            unbound = False
+            try:
+                await bind(state, call, item.agent_id, item.agent_channel, item.in_band)
+            except redis.RedisError as exc:
+                # The new agent's voiceprint is out of reach: verifying the old one would accuse the new
+                # agent, so the call ends (the peer may stream it again once Redis is back).
+                metrics.REDIS_ERRORS.inc()
+                log.warning("agent %s not bound: Redis unavailable (%s)", item.agent_id, exc, extra=ids(call))
+                call.protocol.fail(problems.CLOSE_INTERNAL_ERROR, "Redis unavailable; retry later")
+                unbound = True
+            if unbound or (
+                item.in_band and call.session.state in (CallState.NOT_ENROLLED, CallState.MODEL_MISMATCH)
+            ):
+                # The new agent cannot be verified (bind() failed the call): close it now
                 await flush(call.transport, call.protocol, call)
                 close = call.protocol.close_requested
                 await call.transport.close(close.code, close.reason)
@@ -518,21 +571,29 @@ async def bind(
 
 
 async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> None:
-    """Redis first (alerts are never lost), then the peer."""
+    """Redis first (alerts are never lost: while Redis is away they are spooled, on disk before the peer
+    hears of them), then the peer."""
     session = call.session
     for output in outputs:
         if output.kind in ("alert", "notice"):
-            stream_id = await state.feeds.add_alert(session.tenant, output.kind, output.data)
-            metrics.ALERTS.labels(session.protocol, output.data["kind"]).inc()
-            log.warning("%s %s (%s)", output.kind, output.data.get("kind"), stream_id, extra=ids(call))
-            call.protocol.send_alert(output.data)
+            data = {
+                **output.data,
+                "alert_id": f"{session.call_id}:{call.stream_token}:{next(call.alert_numbers)}",
+                # When it happened, as it may reach the stream (and take its id there) much later.
+                "raised_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+            stream_id = await state.outbox.alert(session.tenant, output.kind, data)
+            metrics.ALERTS.labels(session.protocol, data["kind"]).inc()
+            where = stream_id or "spooled"
+            log.warning("%s %s %s (%s)", output.kind, data["kind"], data["alert_id"], where, extra=ids(call))
+            call.protocol.send_alert(data)
         else:
-            await state.feeds.add_verdict(session.tenant, output.kind, output.data)
+            await state.outbox.verdict(session.tenant, output.kind, output.data)
             if output.kind == "verdict":
                 metrics.VERDICTS.labels(session.protocol, output.data["state"]).inc()
                 call.protocol.send_verdict(output.data)
     if outputs:
-        await state.feeds.set_call(session.tenant, session.call_id, session.describe())
+        await state.outbox.call_state(session.tenant, session.call_id, session.describe())
         await flush(call.transport, call.protocol, call)
 
 
@@ -568,8 +629,8 @@ async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None]
         session.net_speech_seconds,
         extra=ids(call),
     )
-    await state.feeds.add_verdict(session.tenant, ended.kind, ended.data)
-    await state.feeds.set_call(session.tenant, session.call_id, session.describe(), ended=True)
+    await state.outbox.verdict(session.tenant, ended.kind, ended.data)
+    await state.outbox.call_state(session.tenant, session.call_id, session.describe(), ended=True)
 
 
 # --- bindings through the API -----------------------------------------------------------------------

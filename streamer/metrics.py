@@ -34,9 +34,24 @@ vpmon_redis_connects_total                   connections the gateway's asyncio R
                                              with load to the pool's working size, then each new one is a
                                              reconnect (Redis restarted, a dropped connection)
 vpmon_whip_peer_connections                  WebRTC peer connections open now
+vpmon_redis_up                               1 while the gateway writes to Redis, 0 from a failed write
+                                             or probe until every spooled alert is written again
+vpmon_spooled_alerts                         alerts in this gateway's local spool now, waiting for Redis
+vpmon_alerts_spooled_total                   alerts and notices written to the spool (Redis was away, or
+                                             older ones were waiting there)
+vpmon_alerts_unspooled_total                 spooled alerts written to Redis (this gateway's, and those of
+                                             a stopped gateway's spool it adopted)
+vpmon_verdicts_dropped_total                 verdict stream entries (verdicts, call starts and ends) not
+                                             written as Redis was away (the peer got its verdicts)
+vpmon_call_states_coalesced_total            call states not written as Redis was away and a newer one of
+                                             the same call came (the newest is written when Redis returns)
+vpmon_asyncio_tasks                          asyncio tasks alive on the event loop, read at each scrape (a
+                                             gateway with no call should always come back to one number:
+                                             benchmarks/soak.py checks it)
 
-``*_total`` are counters; ``vpmon_calls_active``, ``vpmon_embedding_queue_windows`` and
-``vpmon_whip_peer_connections`` are gauges; the
+``*_total`` are counters; ``vpmon_calls_active``, ``vpmon_embedding_queue_windows``,
+``vpmon_whip_peer_connections``, ``vpmon_redis_up``, ``vpmon_spooled_alerts`` and ``vpmon_asyncio_tasks``
+are gauges; the
 ``*_seconds`` without ``_total`` and ``vpmon_embedding_batch_windows`` are histograms (``_bucket``,
 ``_sum``, ``_count``), ``vpmon_build_info`` an info metric.
 
@@ -47,6 +62,7 @@ nothing of it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import (
@@ -126,6 +142,18 @@ CALL_CLOSES = Counter(
 REDIS_ERRORS = Counter("vpmon_redis_errors_total", "Requests and calls failed by Redis (503, close 1011).")
 REDIS_CONNECTS = Counter("vpmon_redis_connects_total", "Connections opened by the gateway's Redis pool.")
 WHIP_PEER_CONNECTIONS = Gauge("vpmon_whip_peer_connections", "WebRTC peer connections open.")
+# Redis outages (streamer/spool.py).
+REDIS_UP = Gauge("vpmon_redis_up", "1 while the gateway writes to Redis; 0 while alerts wait in its spool.")
+SPOOLED_ALERTS = Gauge("vpmon_spooled_alerts", "Alerts in the local spool, waiting for Redis.")
+ALERTS_SPOOLED = Counter("vpmon_alerts_spooled_total", "Alerts and notices written to the local spool.")
+ALERTS_UNSPOOLED = Counter("vpmon_alerts_unspooled_total", "Spooled alerts and notices written to Redis.")
+VERDICTS_DROPPED = Counter(
+    "vpmon_verdicts_dropped_total", "Verdict stream entries not written: Redis was unreachable."
+)
+CALL_STATES_COALESCED = Counter(
+    "vpmon_call_states_coalesced_total",
+    "Call states not written as Redis was unreachable and a newer one of the same call came.",
+)
 
 # Every protocol's series exist from the start, at 0: rates and "no audio" alerts see a flat line
 # instead of nothing.
@@ -157,3 +185,15 @@ async def redis_connected(connection: Any) -> None:
 def exposition() -> tuple[bytes, str]:
     """The text format Prometheus scrapes, and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def _asyncio_tasks() -> float:
+    """Tasks on the running loop: /metrics is an async route, so the scrape reads this on the loop."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # read outside the event loop (e.g. a test's own registry dump)
+        return float("nan")
+
+
+ASYNCIO_TASKS = Gauge("vpmon_asyncio_tasks", "asyncio tasks alive on the gateway's event loop.")
+ASYNCIO_TASKS.set_function(_asyncio_tasks)

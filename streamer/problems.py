@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -58,6 +60,41 @@ _HTTP_TITLES = {
     413: ("too-large", "Request too large"),
     429: ("too-many-requests", "Too many requests"),
 }
+
+
+class Problem(BaseModel):
+    """What every error response carries (``application/problem+json``); some types add members."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+
+    type: str = Field(description="urn:vpmon:problem:<slug>, stable for each kind of error.")
+    title: str
+    status: int
+    detail: str = Field(description="What went wrong, and what to do.")
+    errors: list[dict[str, Any]] | None = Field(None, description="invalid-request: each invalid field.")
+
+
+# The OpenAPI responses every route may give besides its own: any 4xx is a problem, and so is a 503 when
+# Redis cannot be reached or is loading (``Retry-After``). The schema itself is added to the components
+# by ``openapi_components``.
+PROBLEM_SCHEMA_REF = {"$ref": "#/components/schemas/Problem"}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "description": "Refused: a problem (RFC 9457) whose `type` says why.",
+        "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA_REF}},
+    },
+    503: {
+        "description": "The voiceprint store (Redis) is unavailable or loading: retry after Retry-After.",
+        "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA_REF}},
+    },
+}
+
+
+def openapi_components(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (the app's OpenAPI document) with the ``Problem`` schema that ``RESPONSES`` names."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}"))
+    return schema
 
 
 def problem(

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(
         64 * 1024, ge=1024, le=1024 * 1024, description="Largest audio frame on the native protocol."
     )
+    spool_dir: Path | None = Field(
+        None,
+        description="Where alerts wait, fsync'd, while Redis cannot be reached (one file per gateway, in a "
+        "subdirectory per Redis server; a gateway flushes the files that stopped gateways left there). "
+        "Unset: <vpmon home>/spool. Keep it on a persistent disk.",
+    )
     redis_max_connections: int = Field(
         1000,
         ge=2,
@@ -131,6 +137,22 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(
         10.0, gt=0, le=60, description="How long a webhook receiver has to answer one delivery."
+    )
+
+    # --- per-key limits: each gateway process counts its own (streamer/limits.py, docs/security.md) --
+    key_requests_per_second: float = Field(
+        200.0, gt=0, description="HTTP requests per second one API key may make, on average (a token "
+        "bucket); beyond it, 429 with Retry-After.",
+    )  # fmt: skip
+    key_request_burst: int = Field(
+        2000, ge=1, description="Requests one API key may make at once above that rate (the bucket's size)."
+    )
+    key_max_calls: int = Field(
+        1000, ge=1, description="Live calls one API key (for Twilio: one tenant) may hold at once; beyond "
+        "it, a new call is refused (close 1008, AudioHook disconnect, WHIP 429).",
+    )  # fmt: skip
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Server log level; secrets are masked at every level (streamer/logs.py)."
     )
 
     @classmethod

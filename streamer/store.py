@@ -272,7 +272,7 @@ def normalised(vector: Any) -> np.ndarray:
     array = np.array(vector, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(array)) if array.size else 0.0
     if not np.all(np.isfinite(array)) or not math.isfinite(norm) or norm == 0.0:
-        raise StoreError("a voiceprint vector must be a non-empty, finite, non-zero array of floats")
+        raise InvalidValueError("a voiceprint vector must be a non-empty, finite, non-zero array of floats")
     array = np.ascontiguousarray(array / norm, dtype=np.float32)
     array.flags.writeable = False
     return array
@@ -320,9 +320,14 @@ def _hit(attrs: Mapping[str, Any], score: float) -> SearchHit:
     )
 
 
+MAX_PAGE_OFFSET = 1_000_000_000  # far past any tenant's size; Redis refuses offsets past 64 bits
+
+
 def _check_page(offset: int, limit: int) -> None:
-    if offset < 0 or limit < 1:
-        raise InvalidValueError(f"invalid page offset={offset} limit={limit}: offset ≥ 0 and limit ≥ 1")
+    if not 0 <= offset <= MAX_PAGE_OFFSET or limit < 1:
+        raise InvalidValueError(
+            f"invalid page offset={offset} limit={limit}: 0 ≤ offset ≤ {MAX_PAGE_OFFSET} and limit ≥ 1"
+        )
 
 
 def _check_k(k: int) -> None:

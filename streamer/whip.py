@@ -22,8 +22,8 @@ Refusals: 401 no or bad key, 403 a key without the monitor role or another tenan
 session of DELETE), 415 not ``application/sdp``, 413 an offer over 64 KiB, 400 an offer that is not SDP or
 has no audio track the publisher sends in Opus or PCMU (or has video), 422 ``agent-not-enrolled`` (the
 agent named has no voiceprint: the websocket protocols close with 4004 for it), 409 ``model-mismatch``
-(the voiceprint is another model's: 4009) or ``conflict`` (the call id is already streaming here), 404
-an unknown session.
+(the voiceprint is another model's: 4009) or ``conflict`` (the call id is already streaming here), 429
+the key holds ``VPMON_KEY_MAX_CALLS`` calls on this gateway already, 404 an unknown session.
 """
 
 from __future__ import annotations
@@ -385,7 +385,23 @@ async def publish(request: Request, key: Monitor) -> Response:
             )
         if identity.agent_id is not None:
             await check_agent(app, key.tenant, identity.agent_id)
-        session, answer = await sessions.open(app, key.tenant, call_id, identity.agent_id, offer, audio.codec)
+        slot = app.limits.calls.acquire(f"key:{key.key_id}")
+        if slot is None:
+            limit = app.limits.calls.limit
+            detail = f"too many calls at once for this key: {limit} on this gateway (VPMON_KEY_MAX_CALLS)"
+            raise WhipRefusal(429, detail)
+        try:
+            session, answer = await sessions.open(
+                app, key.tenant, call_id, identity.agent_id, offer, audio.codec
+            )
+        except BaseException:
+            slot.release()
+            raise
+        # The session's task ends however the call does (DELETE, a lost peer, idle, shutdown), and
+        # frees the slot; its done callbacks run before any DELETE awaiting it answers.
+        release = slot.release
+        assert session.task is not None
+        session.task.add_done_callback(lambda _: release())
     except WhipRefusal as exc:
         log.info("WHIP publish refused (%d): %s", exc.status, exc.detail, extra={"tenant": key.tenant})
         return refusal(exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,8 +170,10 @@ def test_unknown_and_malformed_ids(vpmon_server: RunningServer, keys: dict, take
             response = alice.post(f"/v1/alerts/{unknown}/ack")
             assert response.status_code == 404, response.text
             assert response.json()["type"] == "urn:vpmon:problem:not-found"
-        for malformed in ("abc", "12", "1-2-3", "ack-takeover:1"):
+        # 20 digits: past Redis' 64-bit stream ids, which Redis itself would refuse (a 500 before).
+        for malformed in ("abc", "12", "1-2-3", "ack-takeover:1", f"{10**19}-0"):
             assert alice.post(f"/v1/alerts/{malformed}/ack").status_code == 422, malformed
+        assert alice.get("/v1/alerts/stream", headers={"Last-Event-ID": f"0-{10**19}"}).status_code == 422
 
 
 def test_other_tenants_cannot_see_or_acknowledge(
@@ -183,3 +186,19 @@ def test_other_tenants_cannot_see_or_acknowledge(
         assert intruder.get("/v1/alerts").json() == []
     assert replay(vpmon_server, keys["intruder"]) == []
     assert alert_of(vpmon_server, keys["alice"], "ack-private-notice", "notice")["acknowledged"] is None
+
+
+def test_a_quiet_feed_stays_open(vpmon_server: RunningServer, keys: dict) -> None:
+    """No news for longer than the Redis client's socket timeout (5 s): the feed sends keep-alives and
+    stays open (its blocking read once timed out there and broke the response)."""
+    lines = []
+    with (
+        vpmon_server.client(keys["intruder"]) as client,  # a tenant with no alerts: nothing but keep-alives
+        client.stream("GET", "/v1/alerts/stream", timeout=httpx.Timeout(5.0, read=10.0)) as feed,
+    ):
+        deadline = time.monotonic() + 7.0
+        for line in feed.iter_lines():
+            lines.append(line)
+            if time.monotonic() > deadline:
+                break
+    assert lines[0] == "retry: 2000" and lines.count(": keep-alive") >= 1, lines

@@ -273,6 +273,11 @@ def test_bad_audio_and_limits(vpmon_server: RunningServer, voices: dict[str, lis
     )
     assert_problem(foreign, 409, "model-mismatch")
     assert_problem(admin.get("/v1/voiceprints", params={"limit": 0}), 422, "invalid-request")
+    # Values the schemathesis run (tests/test_openapi_fuzz.py) once got through to Redis as 500 / 503.
+    assert_problem(admin.get("/v1/voiceprints", params={"offset": 10**20}), 422, "invalid-request")
+    for vector in ([0.0] * 192, [1e39] * 192):  # zero; infinite as float32
+        by_vector = admin.post("/v1/search/by-embedding", json={"embedding": vector})
+        assert_problem(by_vector, 422, "invalid-value")
 
 
 def test_openapi_and_readiness(vpmon_server: RunningServer) -> None:
@@ -283,3 +288,10 @@ def test_openapi_and_readiness(vpmon_server: RunningServer) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/v1/voiceprints", "/v1/verify", "/v1/compare", "/v1/search"} <= set(schema["paths"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    # Errors are documented as what they are: problems (RFC 9457), for any 4xx and for 503.
+    refused = schema["paths"]["/v1/verify"]["post"]["responses"]
+    for status in ("4XX", "503"):
+        assert refused[status]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+    assert schema["components"]["schemas"]["Problem"]["required"] == ["type", "title", "status", "detail"]

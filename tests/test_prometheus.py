@@ -326,6 +326,7 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule(
     recorded = {rule["name"] for rule in rules if rule["type"] == "recording"}
     assert {r["name"] for r in rules if r["type"] == "alerting"} == {
         "VpmonGatewayDown", "VpmonNoAudio", "VpmonVerdictLatencyHigh", "VpmonAlertSurge", "VpmonRedisErrors",
+        "VpmonRedisUnreachable",
     }  # fmt: skip
     assert prometheus.query('sum(vpmon_alerts_total{job="vpmon",outcome="takeover"})')[0]["value"][1] == "1"
 
