@@ -35,6 +35,12 @@ _ACTIVITY_MARGIN = 10 ** (15.9 / 10)  # ITU-T P.56, as audio.active_level_dbfs
 _SILENCE_FLOOR = 10 ** (-70.0 / 10)
 _ABOVE_FLOOR = 10 ** (10.0 / 10)  # a speech frame is at least 10 dB above the noise floor
 _MIN_SPEECH_SECONDS = 0.5
+# Of a long gap, this much silence (and the VAD's hangover) is processed: more than the level's 10 s memory
+# and the resampler's delay, so afterwards every stage holds silence only and the clocks can jump over the
+# rest in blocks of whole VAD frames, level frames and gain updates (3 s). A day-long gap then costs what
+# 12 s of silence does, not 30 s of CPU and gigabytes of zeros.
+_GAP_SETTLE_SECONDS = 12.0
+_GAP_BLOCK_SECONDS = 3
 
 
 def percentile(values: np.ndarray, q: float) -> float:
@@ -128,6 +134,13 @@ class RunningLevel:
             done += block
         return out.reshape(-1)
 
+    def skip_silence(self, samples: int) -> None:
+        """``samples`` (whole gain updates) of digital silence not processed, after enough silence that
+        the memory holds nothing else: the memory and the update clock move on as if they had been."""
+        frames = samples // self._frame
+        self._powers.extend(np.zeros(min(frames, self._powers.size)))
+        self._frame_index += frames
+
     def _estimate(self) -> float:
         powers = self._powers.view()
         powers = powers[powers > _SILENCE_FLOOR]
@@ -204,11 +217,22 @@ class AgentAudio:
         return self._segment(self._resampler.process(samples))
 
     def feed_silence(self, seconds: float) -> list[SpeechWindow]:
-        """A gap on the media clock (hold, discarded audio): silence keeps window times on the clock
-        and closes any open window, without inventing speech."""
-        samples = np.zeros(round(seconds * self.sample_rate), dtype=np.float32)
+        """A gap of ``seconds`` (>= 0) on the media clock (hold, discarded audio): silence keeps window
+        times on the clock and closes any open window, without inventing speech. Of a long gap only the
+        first ``_GAP_SETTLE_SECONDS`` are processed; the clocks jump over the rest."""
+        settle = _GAP_SETTLE_SECONDS + self.vad.hangover_ms / 1000
+        blocks = max(0, math.floor((seconds - settle) / _GAP_BLOCK_SECONDS))
+        processed = seconds - blocks * _GAP_BLOCK_SECONDS
+        samples = np.zeros(round(processed * self.sample_rate), dtype=np.float32)
         self.seconds_received += seconds
-        return self._segment(self._resampler.process(samples))
+        windows = self._segment(self._resampler.process(samples))
+        if blocks:  # an integer number of input samples is the same number of 3 s blocks at 16 kHz
+            skipped = blocks * _GAP_BLOCK_SECONDS * SAMPLE_RATE
+            self._level.skip_silence(skipped)
+            windows += [
+                w for w in map(self._measure, self._segmenter.skip_silence(skipped)) if self._clear_enough(w)
+            ]
+        return windows
 
     def flush(self) -> list[SpeechWindow]:
         return self._segment(self._resampler.flush(), final=True)

@@ -8,6 +8,7 @@ The enrolment side is always used whole; the test side may be cut to a given amo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,13 @@ def read_trials(path: Path) -> list[Trial]:
     labels = {"1": True, "0": False, "target": True, "nontarget": False}
     trials = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise CalibrationError(f"cannot read trials file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"trials file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
     for number, line in enumerate(lines, start=1):
         parts = line.split()
         if not parts or line.lstrip().startswith("#"):
@@ -85,8 +90,8 @@ def parse_durations(text: str) -> list[float | None]:
             raise CalibrationError(
                 f"durations are seconds or 'full', comma-separated; got {item!r}"
             ) from None
-        if value <= 0:
-            raise CalibrationError(f"durations must be positive, got {item!r}")
+        if not 0 < value < math.inf:  # NaN fails this too
+            raise CalibrationError(f"durations must be positive and finite, got {item!r}")
         durations.append(value)
     return durations
 

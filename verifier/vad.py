@@ -122,6 +122,20 @@ class VadSegmenter:
                 windows.append(window)
         return windows
 
+    def skip_silence(self, samples: int) -> list[SpeechWindow]:
+        """Move the stream on by ``samples`` (whole frames) of digital silence without running the VAD on
+        them: a long gap in a live call. An open window is first let close on silence, as feeding the
+        silence would; the windows after the gap start where they would have."""
+        if samples < 0 or samples % self._frame_length:
+            raise ValueError(f"skip a whole number of {self.frame_ms} ms frames, got {samples} samples")
+        windows: list[SpeechWindow] = []
+        if self._piece_start is not None:  # a pause longer than the hangover ends it
+            frames = min(samples // self._frame_length, self._hangover_frames + 1)
+            windows = self.feed(np.zeros(frames * self._frame_length, dtype=np.float32))
+            samples -= frames * self._frame_length
+        self._frame_index += samples // self._frame_length
+        return windows
+
     def flush(self) -> list[SpeechWindow]:
         """End of stream: returns the open window if it qualifies, and resets for a new stream.
 

@@ -262,6 +262,12 @@ class TwilioMediaStream(AdapterBase):
             raise Violation(
                 CLOSE_UNSUPPORTED_DATA, f"media.payload {show(encoded)} is not valid base64"
             ) from None
+        if len(payload) > self.max_payload_bytes:  # the length check above lets up to 2 bytes more through
+            raise Violation(
+                CLOSE_TOO_BIG,
+                f"media.payload of {len(payload)} bytes exceeds the {self.max_payload_bytes}-byte limit "
+                "(Twilio sends 160)",
+            )
         timestamp = media.get("timestamp")
         media_time = None
         if timestamp is not None:
@@ -314,10 +320,10 @@ def validate_twilio_signature(
 
 
 def _port_variants(url: str) -> list[str]:
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:  # not a valid port: only the URL as given can match
+    except ValueError:  # a bad port or bracketed host (the Host header is the client's): the URL as given
         return [url]
     userinfo, at, host = parts.netloc.rpartition("@")
     prefix = userinfo + at

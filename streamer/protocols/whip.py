@@ -167,6 +167,8 @@ def check_offer(sdp: str) -> OfferedAudio:
             raise WhipRefusal(
                 400, f"the offer's {media.kind} section has no ICE credentials (a=ice-ufrag, a=ice-pwd)"
             )
+        if media.dtls is None:  # aiortc keeps no DTLS parameters for a section without a=setup
+            raise WhipRefusal(400, f"the offer's {media.kind} section has no DTLS role (a=setup:actpass)")
         if not media.dtls.fingerprints:
             raise WhipRefusal(
                 400, f"the offer's {media.kind} section has no DTLS fingerprint (a=fingerprint)"

@@ -7,10 +7,12 @@ name, so a new model is a new spec (built in, or a TOML file pointing at any ONN
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from verifier.errors import ModelError
 
@@ -109,8 +111,8 @@ def load_spec_file(path: Path) -> ModelSpec:
         num_bins = 80
     """
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ModelError(f"cannot read model spec {path}: {exc}") from None
     try:
         onnx_path = (path.parent / data["onnx"]).resolve()
@@ -127,12 +129,82 @@ def load_spec_file(path: Path) -> ModelSpec:
             windows=WindowRules(**data.get("windows", {})),
             onnx_path=onnx_path,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
         raise ModelError(
             f"model spec {path} is incomplete or wrong ({exc}); see `vpmon models --help`"
         ) from None
+    wrong = _wrong_fields(spec)
+    if wrong:
+        raise ModelError(f"model spec {path}: {'; '.join(wrong)}")
     if spec.sample_rate != 16000:
         raise ModelError(f"model spec {path}: only 16 kHz models are supported, not {spec.sample_rate} Hz")
     if not onnx_path.is_file():
         raise ModelError(f"model spec {path} names {onnx_path}, which does not exist")
     return spec
+
+
+def _wrong_fields(spec: ModelSpec) -> list[str]:
+    """What in a spec file's values the embedder could not run with (TOML gives any type anywhere)."""
+    frontend, windows = spec.frontend, spec.windows
+    rules: list[tuple[str, object, Callable[[Any], bool]]] = [
+        *((name, getattr(spec, name), _text) for name in _TEXT_FIELDS),
+        ("embedding_dim", spec.embedding_dim, _count),
+        ("frontend.kind", frontend.kind, _frontend_kind),
+        ("frontend.num_bins", frontend.num_bins, _count),
+        ("frontend.frame_length_ms", frontend.frame_length_ms, _positive),
+        ("frontend.frame_shift_ms", frontend.frame_shift_ms, _positive),
+        ("frontend.mean_normalise", frontend.mean_normalise, _boolean),
+        ("windows.min_seconds", windows.min_seconds, _positive),
+        ("windows.max_seconds", windows.max_seconds, _positive),
+        ("windows.partial_frames", windows.partial_frames, _count_or_none),
+        ("windows.partial_rate", windows.partial_rate, _positive),
+        ("windows.min_coverage", windows.min_coverage, _fraction),
+    ]
+    wrong = [
+        f"{name} must be {_RULES[rule]}, got {value!r}" for name, value, rule in rules if not rule(value)
+    ]
+    if not wrong and windows.min_seconds > windows.max_seconds:
+        wrong.append(
+            f"windows.min_seconds {windows.min_seconds} exceeds windows.max_seconds {windows.max_seconds}"
+        )
+    return wrong
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _count_or_none(value: Any) -> bool:
+    return value is None or _count(value)
+
+
+def _fraction(value: Any) -> bool:
+    return _positive(value) and value <= 1
+
+
+def _frontend_kind(value: Any) -> bool:
+    return isinstance(value, str) and value in get_args(FrontendKind)
+
+
+_TEXT_FIELDS = ("id", "name", "description", "licence", "input_name", "output_name")
+_RULES: dict[Callable[[Any], bool], str] = {
+    _text: "a string",
+    _boolean: "true or false",
+    _positive: "a positive number",
+    _count: "a positive integer",
+    _count_or_none: "a positive integer",
+    _fraction: "a number within (0, 1]",
+    _frontend_kind: " or ".join(get_args(FrontendKind)),
+}

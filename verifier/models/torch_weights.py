@@ -18,13 +18,23 @@ Two on-disk formats exist and both are read:
 Tensors are rebuilt lazily: while unpickling, a tensor is only a reference (storage, offset, shape,
 strides); after the pickle is read and its storages are known, the tensors of the selected dict are cut
 out of their storages with numpy. So nothing from the file is interpreted before it has been checked.
+
+Allow-listed globals are not enough to make unpickling safe, so before a pickle is run its opcodes are
+read (``pickletools``, which runs nothing) and refused if it shares a container between two places
+(the memo, ``DUP``), nests deeper than any checkpoint does, holds an integer no checkpoint needs or
+numbers a memo entry far beyond its length: a few hundred bytes of shared tuples would otherwise be hashed
+or printed for ever, a deep one overflows the C stack, a huge integer cannot even be printed, and one
+memo index makes the unpickler allocate gigabytes. The stand-ins refuse ``BUILD``, which
+would otherwise let a file change them for every file read after it.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
@@ -54,8 +64,19 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
+class _Sealed:
+    """What the unpickler's BUILD opcode would change (``__setstate__``, else the instance ``__dict__`` or
+    attributes), refused: a file must not change the loader's objects for the files read after it."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise ModelError(
+            "checkpoint is malformed: it changes a tensor, a storage or an allow-listed global (BUILD), "
+            "which a checkpoint never does"
+        )
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Sealed):
     """Stand-in for ``torch.FloatStorage`` & co.: only says which dtype the storage holds."""
 
     name: str
@@ -63,7 +84,7 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
-class _Storage:
+class _Storage(_Sealed):
     """A storage named by a persistent id: its bytes are fetched later from the archive or stream."""
 
     key: str
@@ -74,7 +95,7 @@ class _Storage:
 
 
 @dataclass(frozen=True)
-class _TensorRef:
+class _TensorRef(_Sealed):
     """What ``_rebuild_tensor_v2`` was asked to build, kept until the storages have been read."""
 
     storage: _Storage
@@ -117,10 +138,20 @@ def _as_ints(values: Any) -> tuple[int, ...]:
     return tuple(_as_int(v) for v in values)
 
 
+class _Function(_Sealed):
+    """An allow-listed function as a pickle sees it: it can be called, not changed."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self._function = function
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # a builtin type: BUILD cannot change it
+    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),
     **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
@@ -130,8 +161,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, source: str) -> None:
         super().__init__(file)
+        self.file = file
         self.source = source
         self.storages: dict[str, _Storage] = {}
+
+    def load(self) -> Any:
+        start = self.file.tell()
+        _check_structure(self.file, self.source)
+        self.file.seek(start)
+        return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -169,6 +207,91 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Storage(key, storage.dtype, view_numel, root_offset=view_offset)
 
 
+# How deep a checkpoint nests (dict, tensor arguments, persistent id, …: about 5) and the largest integer it
+# holds (the legacy magic number has 80 bits), with room to spare; beyond them a pickle is refused.
+_MAX_DEPTH = 64
+_MAX_INT_BITS = 4096
+# Opcodes that push a value holding nothing else from the pickle (memoised and fetched in every
+# checkpoint: strings, globals); persistent ids become storages, made by us.
+_ATOMS = {
+    *("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"),
+    *("STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"),
+    *("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "NONE", "NEWTRUE", "NEWFALSE"),
+    *("EMPTY_TUPLE", "GLOBAL", "STACK_GLOBAL", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"),
+}
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the object below
+_TENSOR_CALLS = {"global torch._utils _rebuild_tensor_v2", "global torch._utils _rebuild_parameter"}
+
+
+def _check_structure(file: BinaryIO, source: str) -> None:
+    """Read one pickle's opcodes without running them and refuse what no checkpoint holds: a container
+    used in two places (memo, DUP), nesting deeper than ``_MAX_DEPTH``, an integer over ``_MAX_INT_BITS``,
+    a memo index beyond the pickle's length.
+
+    Each stack item is tracked as (kind, depth): kind "atom", "tensor" (what the rebuild functions make:
+    tied weights share those), "global <module> <name>" or "container". Torch (pickle protocol 2)
+    memoises and re-uses strings, globals and tensors only; a pickle that re-uses a container can double
+    its size at every level (2**60 nodes in 400 bytes), which hashing or printing would walk for ever.
+    """
+    stack: list[tuple[str, int]] = []
+    marks: list[int] = []
+    memo: dict[Any, tuple[str, int]] = {}
+    try:
+        for opcode, arg, position in pickletools.genops(file):
+            name = opcode.name
+            if name == "STOP":
+                return
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = len(memo) if name == "MEMOIZE" else arg
+                if not 0 <= index <= position:  # picklers number memo entries 0, 1, 2…
+                    # the C unpickler grows its memo table to the index: 4 bytes ask for up to 32 GB
+                    raise ModelError(f"{source}: the pickle numbers an object {index}, beyond its own length")
+                memo[index] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+                item = stack[-1] if name == "DUP" else memo.get(arg, ("atom", 0))
+                if item[0] == "container":
+                    raise ModelError(
+                        f"{source}: the pickle uses one container in two places, which no checkpoint does "
+                        "(it could take for ever to read); the file is damaged or crafted"
+                    )
+                stack.append(item)
+                continue
+            if isinstance(arg, int) and abs(arg).bit_length() > _MAX_INT_BITS:
+                raise ModelError(f"{source}: the pickle holds an integer of {arg.bit_length()} bits")
+            if name == "POP" and marks and marks[-1] == len(stack):  # POP drops a mark when it is on top
+                marks.pop()
+                continue
+            before = opcode.stack_before
+            count = before.index(pickletools.markobject) if pickletools.markobject in before else len(before)
+            start = marks.pop() - count if pickletools.markobject in before else len(stack) - count
+            if start < 0:
+                raise ValueError("stack underflow")
+            popped, stack[start:] = stack[start:], []
+            if name in _ATOMS:
+                item = ("global " + arg if name == "GLOBAL" else "atom", 0)
+            elif name == "REDUCE" and popped[0][0] in _TENSOR_CALLS:
+                item = ("tensor", 1)
+            elif name in _IN_PLACE:  # the container below gets the items above it
+                depth = 1 + max((depth for _, depth in popped[1:]), default=0)
+                item = (popped[0][0], max(popped[0][1], depth))
+            else:
+                item = ("container", 1 + max((depth for _, depth in popped), default=0))
+            if item[1] > _MAX_DEPTH:
+                raise ModelError(f"{source}: the pickle nests deeper than {_MAX_DEPTH} levels")
+            stack.extend([item] * len(opcode.stack_after))
+    except ModelError:
+        raise
+    except Exception as exc:  # ValueError from pickletools, IndexError on an empty stack…
+        raise ModelError(
+            f"{source}: cannot unpickle ({type(exc).__name__}: {exc}); the file is truncated, damaged or "
+            "not a PyTorch checkpoint"
+        ) from exc
+
+
 def load_state_dict(path: Path | str, *, key: str | None = None) -> dict[str, np.ndarray]:
     """Read the tensors of a PyTorch checkpoint as numpy arrays, in file order, never running its pickle.
 
@@ -182,7 +305,7 @@ def load_state_dict(path: Path | str, *, key: str | None = None) -> dict[str, np
     path = Path(path)
     try:
         with path.open("rb") as file:
-            if zipfile.is_zipfile(file):
+            if _is_zip(file):
                 return _load_zip(file, path.name, key)
             file.seek(0)
             if file.read(4) == b"PK\x03\x04":
@@ -194,6 +317,13 @@ def load_state_dict(path: Path | str, *, key: str | None = None) -> dict[str, np
             return _load_legacy(file, path.name, key)
     except OSError as exc:
         raise ModelError(f"cannot read the weights file {path}: {exc}") from exc
+
+
+def _is_zip(file: BinaryIO) -> bool:
+    try:
+        return zipfile.is_zipfile(file)
+    except zipfile.BadZipFile:  # it raises for a ZIP64 end record it cannot use: a zip, if a damaged one
+        return True
 
 
 def _unpickle(unpickler: _RestrictedUnpickler) -> Any:
@@ -241,7 +371,12 @@ def _cut(ref: _TensorRef, flat: np.ndarray, where: str) -> np.ndarray:
     if len(ref.shape) != len(ref.strides):
         raise ModelError(f"{where}: shape {ref.shape} and strides {ref.strides} do not match")
     if 0 in ref.shape:
-        return np.empty(ref.shape, dtype=flat.dtype)
+        return np.empty(ref.shape, dtype=flat.dtype.newbyteorder("="))  # native order, as below
+    if math.prod(ref.shape) > flat.size:  # strides of 0 (an expanded tensor) could ask for terabytes
+        raise ModelError(
+            f"{where}: shape {ref.shape} has more elements than its storage of {flat.size}; "
+            "save a contiguous copy (tensor.contiguous())"
+        )
     # as_strided would happily read past the buffer, so the last element it touches is checked first.
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides, strict=True))
     if last >= flat.size:
@@ -260,7 +395,7 @@ def _load_zip(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndar
     try:
         archive = zipfile.ZipFile(file)
         names = archive.namelist()
-    except (zipfile.BadZipFile, ValueError) as exc:
+    except (zipfile.BadZipFile, ValueError, NotImplementedError) as exc:  # e.g. "zip file version 8.4"
         raise ModelError(f"{source}: damaged zip checkpoint ({exc}); download it again") from exc
     pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -268,26 +403,21 @@ def _load_zip(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndar
     prefix = pickles[0].removesuffix("data.pkl")
     order = "<"
     if f"{prefix}byteorder" in names:
-        order = "<" if archive.read(f"{prefix}byteorder").strip() == b"little" else ">"
+        order = "<" if _read_member(archive, f"{prefix}byteorder", source).strip() == b"little" else ">"
 
-    try:
-        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source)
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise ModelError(f"{source}: cannot read data.pkl ({exc}); the file is damaged") from exc
+    unpickler = _RestrictedUnpickler(io.BytesIO(_read_member(archive, pickles[0], source)), source)
     entries = _select(_unpickle(unpickler), key, source)
 
     cache: dict[str, np.ndarray] = {}
+    members = set(names)
 
     def read_storage(storage: _Storage) -> np.ndarray:
         if storage.key not in cache:
             dtype = np.dtype(order + storage.dtype)
             name = f"{prefix}data/{storage.key}"
-            try:
-                raw = archive.read(name)
-            except KeyError:
-                raise ModelError(f"{source}: storage {storage.key!r} is missing from the archive") from None
-            except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-                raise ModelError(f"{source}: cannot read {name} ({exc}); the file is damaged") from exc
+            if name not in members:
+                raise ModelError(f"{source}: storage {storage.key!r} is missing from the archive")
+            raw = _read_member(archive, name, source)
             if len(raw) != storage.numel * dtype.itemsize:
                 raise ModelError(
                     f"{source}: storage {storage.key!r} has {len(raw)} bytes, expected "
@@ -297,6 +427,17 @@ def _load_zip(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndar
         return cache[storage.key][storage.root_offset :][: storage.numel]
 
     return _materialise(entries, read_storage, source)
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, source: str) -> bytes:
+    try:
+        return archive.read(name)
+    except Exception as exc:
+        # A damaged member fails in many ways (BadZipFile for a bad CRC, zlib.error, NotImplementedError
+        # for a compression method zipfile lacks, EOFError …); to the caller they all mean the same thing.
+        raise ModelError(
+            f"{source}: cannot read {name} ({type(exc).__name__}: {exc}); the file is damaged"
+        ) from exc
 
 
 def _load_legacy(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndarray]:
