@@ -117,6 +117,11 @@ def judge(points: list[dict[str, Any]]) -> dict[str, Any]:
             "first": first.get(field),
             "last": last.get(field),
         }
+    # A one-off step (an allocator arena growing once) and a steady climb fit the same line over a short
+    # run; the second half of the run alone tells them apart.
+    tail = points[len(points) // 2 :]
+    tail_rss = slope(tail, "rss_mb", "calls_played")
+    result["rss_second_half_mb_per_1000_calls"] = None if tail_rss is None else round(1000 * tail_rss, 3)
     if result["leaks"] is None:
         return result
     for field in ("open_fds", "threads", "asyncio_tasks"):
@@ -273,6 +278,7 @@ def print_report(out: Any, report: dict[str, Any]) -> None:
             str(figures["per_1000_calls"]),
         )
     out.print(table)
+    out.print(f"RSS over the second half: {report['rss_second_half_mb_per_1000_calls']} MB per 1,000 calls")
     out.print(
         f"frames dropped {report['frames_dropped']:.0f}, calls failed {report['calls_failed']}, takeovers "
         f"caught {report['takeovers'][0]}/{report['takeovers'][1]}, false alerts {report['false_alerts']}"

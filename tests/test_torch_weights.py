@@ -205,6 +205,18 @@ def test_storage_shorter_than_announced_is_refused(tmp_path: Path) -> None:
         load_state_dict(path)
 
 
+def test_a_deflate_bomb_is_not_decompressed(tmp_path: Path) -> None:
+    # 9 floats announced; the member inflates to 64 MiB of zeros from a file of about 64 kB.
+    data_pkl = _pickle({"t": _tensor("0", 9, 0, (9,), (1,))})
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("m/data.pkl", data_pkl)
+        archive.writestr("m/data/0", bytes(64 * 2**20))
+    assert path.stat().st_size < 2**20
+    with pytest.raises(ModelError, match="holds more than the 36 bytes"):
+        load_state_dict(path)
+
+
 @pytest.mark.parametrize("fmt", WRITERS)
 def test_truncated_hand_made_checkpoint_is_refused(fmt: str, tmp_path: Path) -> None:
     data_pkl = _pickle({"t": _tensor("0", 64, 0, (64,), (1,))})

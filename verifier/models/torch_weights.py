@@ -417,7 +417,7 @@ def _load_zip(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndar
             name = f"{prefix}data/{storage.key}"
             if name not in members:
                 raise ModelError(f"{source}: storage {storage.key!r} is missing from the archive")
-            raw = _read_member(archive, name, source)
+            raw = _read_member(archive, name, source, limit=storage.numel * dtype.itemsize)
             if len(raw) != storage.numel * dtype.itemsize:
                 raise ModelError(
                     f"{source}: storage {storage.key!r} has {len(raw)} bytes, expected "
@@ -429,15 +429,23 @@ def _load_zip(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndar
     return _materialise(entries, read_storage, source)
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, source: str) -> bytes:
+_MAX_PICKLE_BYTES = 64 * 2**20  # a state dict's pickle is kilobytes; its tensors live in other members
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, source: str, limit: int = _MAX_PICKLE_BYTES) -> bytes:
+    """A member's bytes, decompressing no more than ``limit`` + 1 of them (a deflate bomb stops there)."""
     try:
-        return archive.read(name)
+        with archive.open(name) as member:
+            data = member.read(limit + 1)
     except Exception as exc:
         # A damaged member fails in many ways (BadZipFile for a bad CRC, zlib.error, NotImplementedError
         # for a compression method zipfile lacks, EOFError …); to the caller they all mean the same thing.
         raise ModelError(
             f"{source}: cannot read {name} ({type(exc).__name__}: {exc}); the file is damaged"
         ) from exc
+    if len(data) > limit:
+        raise ModelError(f"{source}: {name} holds more than the {limit} bytes it should; the file is damaged")
+    return data
 
 
 def _load_legacy(file: BinaryIO, source: str, key: str | None) -> dict[str, np.ndarray]:
