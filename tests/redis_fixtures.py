@@ -59,3 +59,14 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def redis_to_kill(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own: the test may kill and restart it, so no other test shares it."""
+    server = start_server(tmp_path / "redis", with_search=False)
+    try:
+        yield server
+    finally:
+        if server.pid() is not None:
+            server.stop()

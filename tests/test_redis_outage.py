@@ -34,7 +34,6 @@ from streamer.protocols.twilio import twilio_signature
 from streamer.redis_server import RedisServer
 from streamer.spool import parse, redis_dir_name
 from streamer.webhooks import group_name
-from tests.redis_fixtures import start_server
 from tests.server_fixtures import RunningServer, start_vpmon, stop_vpmon
 from tests.test_gateway import ENROL, speech, twilio_messages, ws_url
 from tests.webhook_receiver import Receiver
@@ -66,17 +65,6 @@ async def await_for(
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
-@pytest.fixture
-def redis_to_kill(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of the test's own: it is killed and restarted, so no other test may share it."""
-    server = start_server(tmp_path / "redis", with_search=False)
-    try:
-        yield server
-    finally:
-        if server.pid() is not None:
-            server.stop()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     running = Receiver().start()

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from prometheus_client import REGISTRY
 from streamer.feeds import Feeds, alerts_key
 from streamer.redis_server import RedisServer
 from streamer.spool import Outbox, SpoolFile, parse, redis_dir_name
-from tests.redis_fixtures import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,16 +154,6 @@ def test_one_spool_directory_per_redis_server() -> None:
 
 
 # --- the outbox, against a real Redis -----------------------------------------------------------------
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_server(tmp_path / "redis", with_search=False)
-    try:
-        yield server
-    finally:
-        if server.pid() is not None:
-            server.stop()
-
-
 def async_client(server: RedisServer) -> aredis.Redis:
     return aredis.Redis(host="127.0.0.1", port=server.port, password=server.password, protocol=2)
 
@@ -182,9 +170,9 @@ def sample(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def test_an_alert_id_is_added_to_the_stream_once(server: RedisServer) -> None:
+def test_an_alert_id_is_added_to_the_stream_once(redis_to_kill: RedisServer) -> None:
     async def scenario() -> tuple[str, str, str]:
-        client = async_client(server)
+        client = async_client(redis_to_kill)
         feeds = Feeds(client)
         data = entry(1)["data"]
         first = await feeds.add_alert("spool", "alert", data)
@@ -195,13 +183,13 @@ def test_an_alert_id_is_added_to_the_stream_once(server: RedisServer) -> None:
 
     first, again, other = asyncio.run(scenario())
     assert first == again != other
-    assert [a["alert_id"] for a in stream(server)] == ["call:t:1", "call:t:2"]
-    ttl = server.client().execute_command("HTTL", "vpalert-ids:{spool}", "FIELDS", 1, "call:t:1")
+    assert [a["alert_id"] for a in stream(redis_to_kill)] == ["call:t:1", "call:t:2"]
+    ttl = redis_to_kill.client().execute_command("HTTL", "vpalert-ids:{spool}", "FIELDS", 1, "call:t:1")
     assert 0 < ttl[0] <= 7 * 24 * 3600  # the record of an id does not outlive its use
 
 
 def test_alerts_spooled_while_redis_is_away_reach_it_in_order_once(
-    tmp_path: Path, server: RedisServer
+    tmp_path: Path, redis_to_kill: RedisServer
 ) -> None:
     spool_dir = tmp_path / "spool"
     spooled_before, unspooled_before = (
@@ -212,14 +200,14 @@ def test_alerts_spooled_while_redis_is_away_reach_it_in_order_once(
     coalesced_before = sample("vpmon_call_states_coalesced_total")
 
     async def scenario() -> None:
-        client = async_client(server)
+        client = async_client(redis_to_kill)
         outbox = Outbox(Feeds(client), spool_dir, "gw1")
         await outbox.flush()
         assert outbox.writable
         assert await outbox.alert("spool", "alert", entry(0)["data"]) is not None  # Redis first
         assert outbox.file.size == 0
 
-        server.kill()
+        redis_to_kill.kill()
         # The first write after the kill fails (after redis-py's retries), and is spooled; from then on
         # nothing is tried on Redis until the flusher finds it back.
         assert await outbox.alert("spool", "alert", entry(1)["data"]) is None
@@ -236,7 +224,7 @@ def test_alerts_spooled_while_redis_is_away_reach_it_in_order_once(
         assert outbox.spooled == 3 and not outbox.writable
         assert len(parse(outbox.file.path.read_bytes(), "x")) == 3
 
-        server.start()
+        redis_to_kill.start()
         await outbox.flush()
         assert outbox.writable and outbox.spooled == 0
         assert outbox.file.path.read_bytes() == b""  # emptied once Redis had every entry
@@ -252,7 +240,7 @@ def test_alerts_spooled_while_redis_is_away_reach_it_in_order_once(
         await client.aclose()
 
     asyncio.run(scenario())
-    assert [a["n"] for a in stream(server)] == [0, 1, 2, 3]
+    assert [a["n"] for a in stream(redis_to_kill)] == [0, 1, 2, 3]
     assert not (spool_dir / "alerts-gw1.jsonl").exists()  # an empty spool goes at shutdown
     assert sample("vpmon_alerts_spooled_total") - spooled_before == 3
     assert sample("vpmon_alerts_unspooled_total") - unspooled_before == 3 + 4
@@ -260,7 +248,9 @@ def test_alerts_spooled_while_redis_is_away_reach_it_in_order_once(
     assert sample("vpmon_call_states_coalesced_total") - coalesced_before == 2
 
 
-def test_a_stopped_gateways_spool_is_adopted_and_written_once(tmp_path: Path, server: RedisServer) -> None:
+def test_a_stopped_gateways_spool_is_adopted_and_written_once(
+    tmp_path: Path, redis_to_kill: RedisServer
+) -> None:
     """A gateway died mid-flush: its first alert reached Redis, its file was not emptied. The next
     gateway on the spool dir writes the rest, the first not again, and deletes the file; a file whose
     gateway still runs is left alone."""
@@ -276,7 +266,7 @@ def test_a_stopped_gateways_spool_is_adopted_and_written_once(tmp_path: Path, se
     running.append(entry(9))
 
     async def scenario() -> None:
-        client = async_client(server)
+        client = async_client(redis_to_kill)
         feeds = Feeds(client)
         await feeds.add_alert("spool", "alert", entry(0)["data"])
         outbox = Outbox(feeds, spool_dir, "gw2")
@@ -287,19 +277,19 @@ def test_a_stopped_gateways_spool_is_adopted_and_written_once(tmp_path: Path, se
         await client.aclose()
 
     asyncio.run(scenario())
-    assert [a["n"] for a in stream(server)] == [0, 1, 2]
+    assert [a["n"] for a in stream(redis_to_kill)] == [0, 1, 2]
     assert sorted(p.name for p in spool_dir.iterdir()) == ["alerts-alive.jsonl"]
     running.close()
 
 
-def test_redis_refusing_the_write_spools_too(tmp_path: Path, server: RedisServer) -> None:
+def test_redis_refusing_the_write_spools_too(tmp_path: Path, redis_to_kill: RedisServer) -> None:
     """Not only a dead Redis: one that answers but refuses the write (here: the alert stream's key holds
     another type) keeps the alert in the spool until the write succeeds."""
-    client_sync = server.client()
+    client_sync = redis_to_kill.client()
     client_sync.set(alerts_key("spool"), "not a stream")
 
     async def scenario() -> None:
-        client = async_client(server)
+        client = async_client(redis_to_kill)
         outbox = Outbox(Feeds(client), tmp_path / "spool", "gw3")
         await outbox.flush()
         assert outbox.writable
@@ -313,5 +303,5 @@ def test_redis_refusing_the_write_spools_too(tmp_path: Path, server: RedisServer
         await client.aclose()
 
     asyncio.run(scenario())
-    assert [a["n"] for a in stream(server)] == [0]
+    assert [a["n"] for a in stream(redis_to_kill)] == [0]
     client_sync.close()
