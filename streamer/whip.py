@@ -18,12 +18,13 @@ websocket call, and to the publisher's data channel when it opened one. A sessio
 or the connection closes, or after ``VPMON_WS_IDLE_SECONDS`` without audio. A refusal is an RFC 9457
 problem and leaves nothing behind: the peer connection is closed before the answer goes out.
 
-Refusals: 401 no or bad key, 403 a key without the monitor role or another tenant (in ``tenant``, or the
-session of DELETE), 415 not ``application/sdp``, 413 an offer over 64 KiB, 400 an offer that is not SDP or
-has no audio track the publisher sends in Opus or PCMU (or has video), 422 ``agent-not-enrolled`` (the
-agent named has no voiceprint: the websocket protocols close with 4004 for it), 409 ``model-mismatch``
-(the voiceprint is another model's: 4009) or ``conflict`` (the call id is already streaming here), 429
-the key holds ``VPMON_KEY_MAX_CALLS`` calls on this gateway already, 404 an unknown session.
+Refusals: 401 no or bad key, 403 a key without the monitor role or of another tenant than ``tenant``
+(DELETE of another tenant's session: 404, as for one that does not exist), 415 not ``application/sdp``,
+413 an offer over 64 KiB, 400 an offer that is not SDP or has no audio track the publisher sends in Opus
+or PCMU (or has video), 422 ``agent-not-enrolled`` (the agent named has no voiceprint: the websocket
+protocols close with 4004 for it), 409 ``model-mismatch`` (the voiceprint is another model's: 4009) or
+``conflict`` (the call id is already streaming here), 429 the key holds ``VPMON_KEY_MAX_CALLS`` calls on
+this gateway already, 404 an unknown session.
 """
 
 from __future__ import annotations
@@ -424,10 +425,9 @@ async def end_session(request: Request, key: Monitor, session_id: SessionId) -> 
     """End a WebRTC call; answers once its last verdicts are published, with the call's final state."""
     sessions = whip_sessions(request)
     session = sessions.sessions.get(session_id)
-    if session is None:
+    # Another tenant's session answers as one that does not exist: a 403 would confirm the id.
+    if session is None or session.tenant != key.tenant:
         return problems.http_problem(404, f"no WHIP session {session_id} here: it ended, or never existed")
-    if session.tenant != key.tenant:
-        return problems.http_problem(403, "this WHIP session belongs to another tenant")
     await sessions.end(session, "deleted")
     assert session.call is not None
     return JSONResponse(session.call.session.describe())

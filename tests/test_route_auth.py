@@ -570,7 +570,7 @@ HTTP_ROUTES: dict[tuple[str, str], Route] = {
         real=lambda w: Req("DELETE", w.whip_location()),
         harmless=lambda w: Req("DELETE", "/v1/whip/never-was"),
         harmless_status=404,
-        intruder=frozenset({403, 404}),
+        intruder=frozenset({404}),  # as if it did not exist: a 403 would confirm the id
         survives=_whip_session_ends_for_its_owner,
     ),
     # webhooks
