@@ -39,6 +39,7 @@ import asyncio
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -832,6 +833,19 @@ async def native_call(
         return frames, ws.protocol.close_rcvd
 
 
+def wait_until_ended(world: World, key: str, call_id: str, timeout: float = 60.0) -> None:
+    """A call id is free again once its call has ended on the gateway (``end_call``): another test's
+    call with the same id may still be finishing when this one starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with world.client(key) as client:
+            calls = {c["call_id"]: c for c in client.get("/v1/calls").json()}
+        if call_id not in calls or calls[call_id]["state"] == "ended":
+            return
+        assert time.monotonic() < deadline, f"call {call_id} still live after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def owner_calls(world: World) -> dict[str, dict[str, Any]]:
     with world.client(world.owner["monitor"]) as monitor:
         return {c["call_id"]: c for c in monitor.get("/v1/calls").json()}
@@ -866,6 +880,7 @@ def check_native(world: World) -> None:
     assert close is not None and close.code == 4004 and INTRUDER in close.reason, close
     # The call id the owner bound to its agent: the binding is the owner's, not applied here.
     audio = speech(world.devset, "tuxpaint_ca", ENROL, ENROL + 2)
+    wait_until_ended(world, intruder, BOUND_CALL)
     frames, close = asyncio.run(native_call(world, intruder, {"type": "start", "call_id": BOUND_CALL}, audio))
     assert close is not None and close.code == 1000, close
     assert frames and all(f.get("agent_id") is None for f in frames), frames
@@ -958,6 +973,7 @@ def check_audiohook(world: World) -> None:
     assert stream(world.owner["monitor"]).ok  # the same client with a valid key is let in
 
     # The intruder streams the call id the owner bound to its agent: its own call, with no agent.
+    wait_until_ended(world, world.intruder["monitor"], BOUND_CALL)
     result = stream(world.intruder["monitor"], BOUND_CALL)
     assert result.ok, result
     with world.client(world.intruder["monitor"]) as intruder:
