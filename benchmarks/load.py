@@ -239,6 +239,28 @@ def frame_scripts(scripts: list[Script], audio: list[np.ndarray]) -> list[dict[s
 
 
 # --- the generator (a process of its own) ----------------------------------------------------------
+def write_scripts(scripts: list[Script], audio: list[np.ndarray], work: Path) -> dict[str, Any]:
+    """Frame the scripts once, for the generator process to load: the plan's script fields."""
+    path = work / "scripts.pickle"
+    framed = frame_scripts(scripts, audio)
+    with path.open("wb") as f:
+        pickle.dump(framed, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return {
+        "scripts_path": str(path),
+        "scripts": [{"index": s.index, "kind": s.kind} for s in scripts],
+        # on the wire: the JSON text plus a masked client frame's 8-byte header (16-bit length)
+        "media_message_bytes": float(np.mean([len(f["media"][0]) + 8 for f in framed])),
+    }
+
+
+def call_plan(server_url: str, token: str, written: dict[str, Any]) -> dict[str, Any]:
+    """What the generator needs to call this gateway: the signed Twilio URL and the framed scripts."""
+    from streamer.stream_client import stream_url, twilio_signature
+
+    url = stream_url(server_url, "twilio", TENANT)
+    return {"url": url, "signature": twilio_signature(token, url), **written}
+
+
 def generator_main(plan: dict[str, Any], shared: Any, ready: Any, result_path: str) -> None:
     """Runs in the generator process: load the framed scripts, say ready, wait for the start time in
     ``shared[0]`` (CLOCK_MONOTONIC is the same in every process), run the calls, write the result."""
@@ -1066,7 +1088,6 @@ def main() -> None:
     from takeover import load_utterances
 
     from streamer.settings import Settings
-    from streamer.stream_client import stream_url, twilio_signature
     from tests.redis_fixtures import start_server
 
     started = time.perf_counter()
@@ -1123,13 +1144,7 @@ def main() -> None:
             f"{len(scripts)} call scripts of {CALL_SECONDS[0]:.0f}-{CALL_SECONDS[1]:.0f} s, agent talk "
             f"{talk:.0%} of call time"
         )
-        scripts_path = work / "scripts.pickle"
-        framed = frame_scripts(scripts, audio)
-        # on the wire: the JSON text plus a masked client frame's 8-byte header (16-bit length)
-        media_message_bytes = float(np.mean([len(f["media"][0]) + 8 for f in framed]))
-        with scripts_path.open("wb") as f:
-            pickle.dump(framed, f, protocol=pickle.HIGHEST_PROTOCOL)
-        del framed
+        written = write_scripts(scripts, audio, work)
 
         out.print("embedding throughput: raw onnxruntime vs the gateway's service, in-process")
         report["throughput"] = embedding_throughput(audio)
@@ -1153,14 +1168,7 @@ def main() -> None:
             }[mode]
             out.print(f"[bold]{mode}[/]: {label}")
             with gateway(redis, work, settings) as server:
-                url = stream_url(server.url, "twilio", TENANT)
-                plan = {
-                    "url": url,
-                    "signature": twilio_signature(token, url),
-                    "scripts_path": str(scripts_path),
-                    "scripts": [{"index": s.index, "kind": s.kind} for s in scripts],
-                    "media_message_bytes": media_message_bytes,
-                }
+                plan = call_plan(server.url, token, written)
                 monitor = server.key(TENANT, "monitor")
                 with httpx.Client(
                     base_url=server.url, headers={"Authorization": f"Bearer {monitor}"}, timeout=60

@@ -152,7 +152,6 @@ def main() -> None:
     from devset import devset_dir
     from takeover import load_utterances
 
-    from streamer.stream_client import stream_url, twilio_signature
     from tests.redis_fixtures import start_server
 
     began = time.monotonic()
@@ -187,22 +186,8 @@ def main() -> None:
                 token = uuid.uuid4().hex
                 http.patch("/v1/tenant", json={"twilio_auth_token": token}).raise_for_status()
             scripts, audio = load.build_scripts(utterances, for_calls, rng)
-            framed = load.frame_scripts(scripts, audio)
-            media_message_bytes = float(np.mean([len(f["media"][0]) + 8 for f in framed]))
-            scripts_path = work / "scripts.pickle"
-            import pickle
-
-            with scripts_path.open("wb") as f:
-                pickle.dump(framed, f, protocol=pickle.HIGHEST_PROTOCOL)
-            del framed, audio
-            url = stream_url(server.url, "twilio", load.TENANT)
-            plan = {
-                "url": url,
-                "signature": twilio_signature(token, url),
-                "scripts_path": str(scripts_path),
-                "scripts": [{"index": s.index, "kind": s.kind} for s in scripts],
-                "media_message_bytes": media_message_bytes,
-            }
+            plan = load.call_plan(server.url, token, load.write_scripts(scripts, audio, work))
+            del audio
             monitor = server.key(load.TENANT, "monitor")
             pid = server.process.pid
             with httpx.Client(

@@ -11,7 +11,7 @@ The recipe (measured in benchmarks/quantise.py, which also tried the others): on
 per-channel signed weights and unsigned activations (U8S8, the format onnxruntime's x86 kernels are
 fastest at, using VNNI where the CPU has it), QOperator format (``QLinearConv``); the ranges file says
 which calibration measured them.
-Quantising the element-wise ops as well (the default) cost 2 points of EER.
+Quantising the element-wise ops as well (the default) cost about 2 points of EER in an exploratory run.
 """
 
 from __future__ import annotations
