@@ -28,6 +28,7 @@ from streamer.embedding import embedding_service
 from streamer.feeds import Feeds
 from streamer.gateway import CallRegistry
 from streamer.gateway import router as gateway_router
+from streamer.liveness import GatewayLease
 from streamer.logs import log_config
 from streamer.redis_server import embedded_url
 from streamer.service import AudioLimits, VoiceprintService
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             embeddings=embedding_service(service.embedder, settings),
             calls=CallRegistry(),
             outbox=Outbox(feeds, spool_dir, gateway_id),
+            lease=GatewayLease(async_client, feeds, gateway_id, settings.gateway_lease_seconds),
             gateway_id=gateway_id,
         )
         app.state.vpmon = state
@@ -175,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.outbox.flush()  # before serving: alerts that stopped gateways spooled come first
         flusher = asyncio.create_task(state.outbox.run())
         listener = asyncio.create_task(resubscribing(state))
+        leaseholder = asyncio.create_task(state.lease.run(lambda: list(state.calls.calls)))
         webhooks = WebhookWorker(
             async_client, state.gateway_id, settings.webhook_retry_schedule, settings.webhook_timeout_seconds
         )
@@ -185,10 +188,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.whip.close_all()  # their ends go to Redis: before the client closes
             await state.embeddings.close()
-            for task in (listener, webhook_worker, flusher):
+            for task in (listener, leaseholder, webhook_worker, flusher):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(redis.RedisError):
+                await state.lease.release()  # every call ended above: nothing for others to sweep
             await state.outbox.close()
             await async_client.aclose()
             client.close()

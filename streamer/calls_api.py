@@ -63,7 +63,10 @@ class CallOut(BaseModel):
     score: float | None
     threshold: float | None
     alerts: int
-    ended_reason: str | None = None
+    ended_reason: str | None = Field(
+        None, description="stop (the stream ended), or gateway_lost (its gateway stopped without ending it)."
+    )
+    gateway: str | None = Field(None, description="The gateway holding (or that held) the call.")
 
 
 class AckBy(BaseModel):

@@ -536,6 +536,7 @@ async def start_call(
     state.calls.calls[key] = call
     metrics.CALLS_ACTIVE.labels(name).inc()
     log.info("call started", extra=ids(call))
+    await state.lease.track(tenant, started.call_id)
     await publish(state, call, [Output("call", session.describe())])
     # Who is the agent? In-band first; else a binding made through the API before the stream began.
     agent_id, agent_channel = started.agent_id, None
@@ -593,8 +594,14 @@ async def publish(state: AppState, call: LiveCall, outputs: list[Output]) -> Non
                 metrics.VERDICTS.labels(session.protocol, output.data["state"]).inc()
                 call.protocol.send_verdict(output.data)
     if outputs:
-        await state.outbox.call_state(session.tenant, session.call_id, session.describe())
+        await state.outbox.call_state(session.tenant, session.call_id, call_state(state, session))
         await flush(call.transport, call.protocol, call)
+
+
+def call_state(state: AppState, session: CallSession, **ended: Any) -> dict[str, Any]:
+    """The call as the calls list shows it, with the gateway holding it (streamer/liveness.py ends the
+    calls of a gateway that dies)."""
+    return {**session.describe(), "gateway": state.gateway_id, **ended}
 
 
 async def flush(transport: CallTransport, protocol: CallProtocol, call: LiveCall | None) -> None:
@@ -630,7 +637,10 @@ async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None]
         extra=ids(call),
     )
     await state.outbox.verdict(session.tenant, ended.kind, ended.data)
-    await state.outbox.call_state(session.tenant, session.call_id, session.describe(), ended=True)
+    reason = ended.data["ended_reason"]
+    await state.outbox.call_state(
+        session.tenant, session.call_id, call_state(state, session, ended_reason=reason), ended=True
+    )
 
 
 # --- bindings through the API -----------------------------------------------------------------------

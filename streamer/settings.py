@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         "outbound", description="The Twilio track that carries the agent (outbound on the customer's leg)."
     )
     ws_idle_seconds: float = Field(30.0, gt=0, description="A call with no message for this long is closed.")
+    gateway_lease_seconds: float = Field(
+        30.0,
+        ge=1.0,
+        description="A gateway that has not renewed its lease in Redis for this long is gone (killed, host "
+        "lost): another gateway ends its live calls (ended_reason gateway_lost). streamer/liveness.py",
+    )
     max_frame_bytes: int = Field(
         64 * 1024, ge=1024, le=1024 * 1024, description="Largest audio frame on the native protocol."
     )

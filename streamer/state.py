@@ -17,6 +17,7 @@ from streamer.auth import ApiKey, KeyStore
 from streamer.embedding import EmbeddingService
 from streamer.feeds import Feeds
 from streamer.limits import KeyLimits
+from streamer.liveness import GatewayLease
 from streamer.service import VoiceprintService
 from streamer.settings import Settings
 from streamer.spool import Outbox
@@ -35,6 +36,7 @@ class AppState:
     embeddings: EmbeddingService
     calls: Any  # streamer.gateway.CallRegistry (imported there: the gateway imports this module)
     outbox: Outbox  # what live calls write to Redis, spooled or coalesced while it is away
+    lease: GatewayLease  # this gateway's lease in Redis, and the sweep of gateways that lost theirs
     decision_policy: DecisionPolicy = field(default_factory=DecisionPolicy)
     gateway_id: str = field(default_factory=lambda: secrets.token_hex(6))
     # API keys this gateway verified lately (SHA-256 of the token → the key, when), and when Redis last
