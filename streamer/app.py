@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,12 +29,13 @@ from streamer.gateway import CallRegistry
 from streamer.gateway import router as gateway_router
 from streamer.liveness import GatewayLease
 from streamer.logs import log_config
-from streamer.redis_server import embedded_url
+from streamer.redis_clients import SyncClient, redis_url, sync_client
+from streamer.redis_clients import async_client as async_client_for
 from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
 from streamer.spool import Outbox, redis_dir_name
 from streamer.state import AppState
-from streamer.store import connect, open_store
+from streamer.store import open_store
 from streamer.supervisor import mount_supervisor_page
 from streamer.webhooks import WebhookWorker
 from streamer.webhooks_api import router as webhooks_router
@@ -54,12 +54,12 @@ REDIS_POOL_WAIT_S = 10.0  # for a free connection, before the command fails as R
 REDIS_SOCKET_TIMEOUT_S = 5.0  # for a reply; the SSE feeds block for less (streamer/feeds.py)
 
 
-def redis_client(settings: Settings) -> redis.Redis:  # for the CLI
-    """The configured Redis, or the embedded one (started if it is not running)."""
-    return connect(settings.redis_url_value() or embedded_url())
+def redis_client(settings: Settings) -> SyncClient:  # for the CLI
+    """The configured Redis (or Redis Cluster), or the embedded one (started if it is not running)."""
+    return sync_client(redis_url(settings), cluster=settings.redis_cluster)
 
 
-def build_service(settings: Settings, client: redis.Redis) -> VoiceprintService:
+def build_service(settings: Settings, client: SyncClient) -> VoiceprintService:
     embedder = Embedder.load(settings.model, threads=settings.embed_threads)
     card = provision.read_card(embedder.spec)
     calibration = Calibration.from_dict(card.calibration) if card and card.calibration else None
@@ -138,20 +138,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        url = settings.redis_url_value() or embedded_url()
-        client = connect(url)
-        # A blocking pool: when every connection is busy (hundreds of calls starting at once, SSE readers
-        # blocked in XREAD) a command waits for one instead of failing the call.
-        pool = aredis.BlockingConnectionPool.from_url(
+        url = redis_url(settings)
+        client = redis_client(settings)
+        async_client = async_client_for(
             url,
-            protocol=2,
-            socket_connect_timeout=5.0,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            cluster=settings.redis_cluster,
             max_connections=settings.redis_max_connections,
-            timeout=REDIS_POOL_WAIT_S,
-            redis_connect_func=metrics.redis_connected,
+            pool_wait_s=REDIS_POOL_WAIT_S,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            on_connect=metrics.redis_connected,
         )
-        async_client = aredis.Redis(connection_pool=pool)
         service = build_service(settings, client)
         feeds = Feeds(async_client)
         gateway_id = secrets.token_hex(6)

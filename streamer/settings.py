@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="Redis 8 (or Redis Stack) URL, e.g. redis://:password@host:6379/0. "
         "Unset: vpmon runs its own embedded redis-server under the vpmon home.",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="The Redis URL is one node of a Redis Cluster (or a managed Redis in cluster mode): "
+        "vpmon finds the other nodes from it. Vector-set store only. See docs/scale-out.md.",
+    )
     store_backend: Literal["auto", "vset", "ft"] = Field(
         "auto", description="Voiceprint index: vector sets (vset), the query engine (ft), or auto."
     )

@@ -58,6 +58,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import redis
+import redis.cluster
 from redis.commands.helpers import get_protocol_version
 
 from verifier.errors import InvalidValueError, ModelMismatchError, StoreError
@@ -185,9 +186,13 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
 
 
 def available_backends(client: redis.Redis) -> set[str]:
-    """Which backends this server supports, found by calling a harmless command of each."""
+    """Which backends this server supports, found by calling a harmless command of each. In a Redis
+    Cluster only vector sets count: FT.* there needs a coordinator module vpmon does not support."""
     found = set()
-    for backend, command in (("vset", ("VCARD", "vp:{vpmon-probe}")), ("ft", ("FT._LIST",))):
+    probes = [("vset", ("VCARD", "vp:{vpmon-probe}"))]
+    if not isinstance(client, redis.cluster.RedisCluster):
+        probes.append(("ft", ("FT._LIST",)))
+    for backend, command in probes:
         try:
             client.execute_command(*command)
         except redis.ResponseError as exc:
@@ -223,6 +228,12 @@ def open_store(
         backend = "vset" if "vset" in available else "ft"
     if backend not in ("vset", "ft"):
         raise StoreError(f"unknown store backend {backend!r}: use auto, vset or ft")
+    if backend == "ft" and isinstance(client, redis.cluster.RedisCluster):
+        raise StoreError(
+            "the query-engine backend (ft) does not work on a Redis Cluster: one index across shards "
+            "needs the commercial coordinator. Use vector sets (VPMON_STORE_BACKEND=vset, Redis 8), "
+            "whose one key per tenant lives on one shard"
+        )
     if backend not in available:
         need = "Redis 8 or later (vector sets)" if backend == "vset" else "the query engine (FT.*)"
         raise StoreError(

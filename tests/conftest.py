@@ -13,7 +13,7 @@ from verifier.embedder import Embedder
 from verifier.models import provision
 from verifier.models.registry import CAMPPLUS, GE2E
 
-pytest_plugins = ["tests.redis_fixtures", "tests.server_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.server_fixtures", "tests.cluster_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
