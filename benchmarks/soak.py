@@ -11,20 +11,24 @@ stream, get verified or raise alerts and disconnect all the time; at the end of 
 stops, and once they have all closed the gateway is idle.
 
 **At each idle point** (no call live: whatever is still held then is held for good) it records the
-gateway's RSS, open file descriptors (``/proc/<pid>/fd``), threads, asyncio tasks (``vpmon_asyncio_tasks``
-on /metrics, when this gateway exports it), Redis' used memory, and the calls played so far; per round
-also the load figures (verdict p99, frames dropped, takeovers caught, false alerts) from load.py.
+gateway's RSS, open file descriptors (``/proc/<pid>/fd``) and how many of them are connections to Redis,
+threads, asyncio tasks (``vpmon_asyncio_tasks`` on /metrics, when this gateway exports it), Redis' used
+memory, and the calls played so far; per round also the load figures (verdict p99, frames dropped,
+takeovers caught, false alerts) from load.py.
 
 **Slopes**: least squares over the idle points after the first quarter of the run (allocator arenas,
 caches and connection pools fill first), per hour and per 1,000 calls played. A **leak** is flagged
-when file descriptors, threads or tasks at idle end above where they started after warm-up (these should
-return exactly to a baseline), or when RSS grows by more than ``RSS_LEAK_MB_PER_1000_CALLS``. Redis'
-memory is shown, not judged: alert and verdict streams grow by design up to their retention.
+when file descriptors other than Redis connections, threads or tasks at idle end above where they
+started after warm-up (these should return exactly to a baseline), or when RSS grows by more than
+``RSS_LEAK_MB_PER_1000_CALLS``. Redis connections are shown, not judged: the connection pool keeps what
+its busiest moment opened (bounded by ``VPMON_REDIS_MAX_CONNECTIONS``), which a slower machine raises.
+Redis' memory is shown, not judged: alert and verdict streams grow by design up to their retention.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -60,6 +64,25 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def redis_connections(pid: int, redis_port: int) -> int:
+    """The process's sockets connected to Redis: its connection pools, which keep what a busy moment
+    opened (up to ``VPMON_REDIS_MAX_CONNECTIONS``) — a high-water mark, judged apart from other fds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    connected = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                connected += remote_port == redis_port and fields[9] in inodes
+    return connected
+
+
 def threads(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -84,6 +107,7 @@ def idle_point(http: Any, pid: int, redis: Any, started: float, calls_played: in
         "calls_live": live,
         "rss_mb": round(load.memory_mb(pid, "VmRSS"), 1),
         "open_fds": open_fds(pid),
+        "redis_connections": redis_connections(pid, redis.port),
         "threads": threads(pid),
         "asyncio_tasks": metrics.values.get("vpmon_asyncio_tasks"),
         "redis_used_mb": round(redis.client().info("memory")["used_memory"] / 2**20, 1),
@@ -108,7 +132,11 @@ def judge(points: list[dict[str, Any]]) -> dict[str, Any]:
         result["leaks"] = None  # too short to judge
         settled = points[-2:]
     first, last = settled[0], settled[-1]
-    for field in ("rss_mb", "open_fds", "threads", "asyncio_tasks", "redis_used_mb"):
+    for point in points:
+        if "redis_connections" in point:
+            point["other_fds"] = point["open_fds"] - point["redis_connections"]
+    for field in ("rss_mb", "open_fds", "other_fds", "redis_connections", "threads", "asyncio_tasks",
+                  "redis_used_mb"):  # fmt: skip
         per_hour = slope(settled, field, "minutes")
         per_1000 = slope(settled, field, "calls_played")
         result["slopes"][field] = {
@@ -124,8 +152,9 @@ def judge(points: list[dict[str, Any]]) -> dict[str, Any]:
     result["rss_second_half_mb_per_1000_calls"] = None if tail_rss is None else round(1000 * tail_rss, 3)
     if result["leaks"] is None:
         return result
-    for field in ("open_fds", "threads", "asyncio_tasks"):
-        if first.get(field) is not None and last[field] > first[field]:
+    # Redis connections are a pool's high-water mark (bounded, reused), not a leak: judged are the others.
+    for field in ("other_fds", "threads", "asyncio_tasks"):
+        if first.get(field) is not None and last.get(field) is not None and last[field] > first[field]:
             result["leaks"].append(f"{field}: {first[field]} → {last[field]} at idle")
     rss = result["slopes"]["rss_mb"]["per_1000_calls"]
     if rss is not None and rss > RSS_LEAK_MB_PER_1000_CALLS:
