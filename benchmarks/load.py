@@ -4,6 +4,9 @@
                                                and the naive baseline; bounded by --max-minutes (45)
     python benchmarks/load.py --quick          N = 20, 50, 30 s each (a smoke run, about 6 min)
     python benchmarks/load.py --modes pool --ladder 100,200 --measure-seconds 60
+    python benchmarks/load.py --workers 2      the pool's gateway as 2 worker processes on one port
+                                               (``vpmon serve --workers 2``); the naive baseline stays
+                                               one process
 
 Everything is real and on loopback: an embedded redis-server (8.2.3, AOF) in a temporary directory, a
 ``vpmon serve`` subprocess on a free port (started as tests/server_fixtures.py starts it), agents enrolled
@@ -36,8 +39,10 @@ itself: how late each tick woke (its loop's own lag: a saturated generator shows
 gateway's fault) and how late the tick's last frame went out.
 
 **Per N** (``run_step``), after ``WARMUP_SECONDS`` and over ``--measure-seconds``: the gateway's and
-Redis' CPU (``/proc/<pid>/stat`` utime+stime, in cores), the gateway's RSS (``VmRSS``, and its peak
-``VmHWM``), the machine's busy cores (``/proc/stat``: what other processes on the machine took is shown);
+Redis' CPU (``/proc/<pid>/stat`` utime+stime, in cores; the gateway's is the sum over ``vpmon serve``
+and every process it started, i.e. its workers with ``--workers``, each also shown alone), the
+gateway's RSS (``VmRSS``, and its peak ``VmHWM``, each summed over those processes), the machine's busy
+cores (``/proc/stat``: what other processes on the machine took is shown);
 from ``/metrics`` (a monitor key): verdict latency p50 / p99 (window end, when the VAD closed the window
 → the verdict is in Redis and sent; from the histogram's bucket deltas, interpolated within a bucket as
 Prometheus' ``histogram_quantile`` does, and the exact share within the 250 ms bucket), windows embedded,
@@ -433,6 +438,36 @@ def memory_mb(pid: int, field: str) -> float:
     return math.nan
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and every process it started, still running: ``vpmon serve`` and its workers."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds of each process that is still there."""
+    seconds = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            seconds[pid] = cpu_seconds(pid)
+    return seconds
+
+
+def tree_memory_mb(pids: Sequence[int], field: str) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += memory_mb(pid, field)
+    return total
+
+
 def unread_bytes(port: int) -> int:
     """Bytes the kernel holds for the gateway's established sockets that the gateway has not read yet
     (``rx_queue`` in /proc/net/tcp): frames waiting while its event loop is busy or blocked."""
@@ -536,11 +571,16 @@ class Snapshot:
     cpu: dict[str, float]
     machine: float
     frames_sent: float
+    gateway_processes: dict[int, float]  # pid → CPU seconds: vpmon serve and its workers
 
     @classmethod
-    def take(cls, http: Any, pids: dict[str, int], shared: Any) -> Snapshot:
-        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        return cls(time.monotonic(), Metrics.scrape(http), cpu, machine_busy_seconds(), shared[1])
+    def take(cls, http: Any, pids: dict[str, int], shared: Any, gateway: Sequence[int]) -> Snapshot:
+        processes = tree_cpu_seconds(gateway)
+        cpu = {
+            name: sum(processes.values()) if name == "gateway" else cpu_seconds(pid)
+            for name, pid in pids.items()
+        }
+        return cls(time.monotonic(), Metrics.scrape(http), cpu, machine_busy_seconds(), shared[1], processes)
 
 
 def embedding_modes() -> tuple[str, ...]:
@@ -558,6 +598,14 @@ def gateway(redis: Any, directory: Path, settings: dict[str, str]) -> Iterator[A
     from tests.server_fixtures import start_vpmon, stop_vpmon
 
     server = start_vpmon(directory, redis, **settings)
+    workers = int(settings.get("workers", 1))
+    deadline = time.monotonic() + 120
+    # /healthz answered: one worker is up; the steps need all of them.
+    while server.log.read_text(errors="replace").count("Application startup complete.") < workers:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            stop_vpmon(server)
+            raise SystemExit(f"error: {workers} gateway workers did not start:\n{server.log_tail()}")
+        time.sleep(0.2)
     try:
         yield server
     finally:
@@ -595,11 +643,12 @@ def run_step(
     step_plan = {**plan, "calls": n, "run_seconds": warmup + measure, "seed": n}
     process = context.Process(target=generator_main, args=(step_plan, shared, ready, str(result_path)))
     pids = {"gateway": server.process.pid, "redis": redis.pid()}
+    gateway = process_tree(server.process.pid)
     port = int(server.url.rsplit(":", 1)[1])
     verdict_key = f"vpverdicts:{{{TENANT}}}".encode()
     client = redis.client(timeout=30.0)
     last_id = (client.xrevrange(verdict_key, count=1) or [(b"0-0", {})])[0][0]
-    before = Snapshot.take(http, pids, shared)
+    before = Snapshot.take(http, pids, shared, gateway)
     process.start()
     try:
         if not ready.wait(120):
@@ -626,16 +675,16 @@ def run_step(
         while time.monotonic() < t0 + warmup:
             read_verdicts()
             time.sleep(min(2.0, max(0.0, t0 + warmup - time.monotonic())))
-        start = Snapshot.take(http, pids, shared)
+        start = Snapshot.take(http, pids, shared, gateway)
         start_wall = time.time()
         unread: list[int] = []
         while time.monotonic() < t0 + warmup + measure:
             read_verdicts()
             unread.append(unread_bytes(port))
             time.sleep(min(1.0, max(0.0, t0 + warmup + measure - time.monotonic())))
-        end = Snapshot.take(http, pids, shared)
+        end = Snapshot.take(http, pids, shared, gateway)
         end_wall = time.time()
-        rss, peak = memory_mb(pids["gateway"], "VmRSS"), memory_mb(pids["gateway"], "VmHWM")
+        rss, peak = tree_memory_mb(gateway, "VmRSS"), tree_memory_mb(gateway, "VmHWM")
         process.join(CLOSE_TIMEOUT + 60)
         read_verdicts()
     finally:
@@ -643,7 +692,7 @@ def run_step(
             process.terminate()
             process.join(10)
     pids.pop("generator", None)  # it has exited
-    after = Snapshot.take(http, pids, shared)
+    after = Snapshot.take(http, pids, shared, gateway)
     generated = json.loads(result_path.read_text()) if result_path.is_file() else {"error": "no result"}
     if "error" in generated:
         raise SystemExit(f"error: the load generator failed at N = {n}: {generated['error']}")
@@ -672,6 +721,11 @@ def summarise_step(
     window = end.metrics.minus(start.metrics)
     whole = after.metrics.minus(before.metrics)
     cores = {name: (end.cpu[name] - start.cpu[name]) / seconds for name in end.cpu}
+    process_cores = {
+        pid: round((cpu - start.gateway_processes[pid]) / seconds, 3)
+        for pid, cpu in end.gateway_processes.items()
+        if pid in start.gateway_processes
+    }
     machine = (end.machine - start.machine) / seconds
     records = generated["records"]
     calls = {r["sid"]: r for r in records}
@@ -731,6 +785,8 @@ def summarise_step(
         "cores": {k: round(v, 3) for k, v in cores.items()},
         "machine_busy_cores": round(machine, 3),
         "other_cores": round(machine - sum(cores.values()), 3),
+        "gateway_process_cores": process_cores,  # with --workers: the parent, each worker, and
+        # multiprocessing's resource tracker; a process that ended during the step is not counted
         "gateway_rss_mb": round(rss, 1),
         "gateway_peak_rss_mb": round(peak, 1),
         "calls_played": len(records),
@@ -932,11 +988,17 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
+def per_process(row: dict[str, Any]) -> str:
+    """With several gateway processes, each one's cores (the busiest first)."""
+    cores = sorted(row.get("gateway_process_cores", {}).values(), reverse=True)
+    return f" ({' + '.join(f'{c:.2f}' for c in cores)})" if len(cores) > 1 else ""
+
+
 def print_row(mode: str, row: dict[str, Any]) -> None:
     verdict = "[green]sustained[/]" if row["sustained"] else f"[red]{'; '.join(row['why_not'])}[/]"
     console().print(
-        f"[{mode}] N = {row['calls']}: gateway {row['cores']['gateway']:.2f} cores, verdict p99 "
-        f"{_ms(row['verdict_latency_p99_s'])} ms, dropped {row['frames_dropped']:.0f}, takeovers "
+        f"[{mode}] N = {row['calls']}: gateway {row['cores']['gateway']:.2f} cores{per_process(row)}, "
+        f"verdict p99 {_ms(row['verdict_latency_p99_s'])} ms, dropped {row['frames_dropped']:.0f}, takeovers "
         f"{row['takeovers_caught']}/{row['takeovers_evaluated']} → {verdict}"
     )
 
@@ -1065,6 +1127,12 @@ def main() -> None:
         "--model",
         help="speaker model for every gateway and the throughput test (VPMON_MODEL; default: the gateway's)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes for the pool mode (vpmon serve --workers; default 1); naive stays 1",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
@@ -1073,6 +1141,8 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"pool", "naive"}:
         parser.error("--modes takes pool, naive or pool,naive")
+    if args.workers < 1:
+        parser.error("--workers takes 1 or more")
     ladders = dict(QUICK_LADDER if args.quick else LADDER)
     ladders["pool"] = tuple(args.ladder or ladders["pool"])
     ladders["naive"] = tuple(args.naive_ladder or ladders["naive"])
@@ -1103,6 +1173,7 @@ def main() -> None:
             "warmup_seconds": warmup,
             "ramp_seconds": RAMP_SECONDS,
             "bisect": bisect,
+            "pool_workers": args.workers,
             "call_seconds": CALL_SECONDS,
             "takeover_share": TAKEOVER_SHARE,
             "takeover_at": TAKEOVER_AT,
@@ -1157,6 +1228,8 @@ def main() -> None:
             available = mode in supported
             if available:
                 settings["embedding_mode"] = mode
+            if mode == "pool" and args.workers > 1:  # the naive baseline stays one process
+                settings["workers"] = str(args.workers)
             label = {
                 "pool": "windows batched across calls in worker threads (VPMON_EMBEDDING_MODE=pool)"
                 if available
@@ -1166,6 +1239,8 @@ def main() -> None:
                 else "NOT the naive baseline: this gateway has no VPMON_EMBEDDING_MODE=naive yet, so "
                 "these steps ran against its default",
             }[mode]
+            if "workers" in settings:
+                label += f", {args.workers} gateway worker processes on one port (vpmon serve --workers)"
             out.print(f"[bold]{mode}[/]: {label}")
             with gateway(redis, work, settings) as server:
                 plan = call_plan(server.url, token, written)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import redis
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,6 +20,7 @@ from pydantic import BaseModel, Field
 from streamer import metrics, problems
 from streamer.auth import ApiKey, Permission, Role
 from streamer.limits import retry_after
+from streamer.redis_clients import REDIS_UNAVAILABLE
 from streamer.service import EnrolResult, Side, Upload
 from streamer.state import AppState
 from streamer.store import MAX_PAGE_OFFSET, SearchHit, Voiceprint, check_label
@@ -76,7 +76,7 @@ async def authenticate(app: AppState, token: str) -> ApiKey | None:
     digest = hashlib.sha256(token.encode()).digest()
     try:
         key = await app.run_io(app.keys.authenticate, token)
-    except (redis.ConnectionError, redis.TimeoutError):
+    except REDIS_UNAVAILABLE:
         known = app.verified_keys.get(digest)
         if known is None or known[1] < app.keys_checked_at - KEY_GRACE_S:
             raise
@@ -567,7 +567,7 @@ async def readyz(request: Request, response: Response, key: Health) -> HealthOut
     spooled = app.outbox.spooled
     try:
         ready = await app.run_io(app.service.store.ready)
-    except (redis.ConnectionError, redis.TimeoutError):
+    except REDIS_UNAVAILABLE:
         return problems.problem(
             503, "store-unavailable", "Voiceprint store unavailable",
             f"Redis cannot be reached: live calls go on with the voiceprints they hold, new calls are "

@@ -8,11 +8,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,7 +29,7 @@ from streamer.gateway import CallRegistry
 from streamer.gateway import router as gateway_router
 from streamer.liveness import GatewayLease
 from streamer.logs import log_config
-from streamer.redis_clients import SyncClient, redis_url, sync_client
+from streamer.redis_clients import REDIS_ERRORS, SyncClient, redis_url, sync_client
 from streamer.redis_clients import async_client as async_client_for
 from streamer.service import AudioLimits, VoiceprintService
 from streamer.settings import Settings
@@ -128,7 +128,7 @@ async def resubscribing(state: AppState) -> None:
     while True:
         try:
             await binding_listener(state)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("binding listener: Redis unavailable (%s); subscribing again", exc)
         await asyncio.sleep(1.0)
 
@@ -174,6 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         flusher = asyncio.create_task(state.outbox.run())
         listener = asyncio.create_task(resubscribing(state))
         leaseholder = asyncio.create_task(state.lease.run(lambda: list(state.calls.calls)))
+        whip_forwarded = asyncio.create_task(app.state.whip.serve_forwarded(state))  # DELETEs via Redis
+        sampler = asyncio.create_task(metrics.keep_sampled_gauges())  # with several workers only
         webhooks = WebhookWorker(
             async_client, state.gateway_id, settings.webhook_retry_schedule, settings.webhook_timeout_seconds
         )
@@ -184,11 +186,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.whip.close_all()  # their ends go to Redis: before the client closes
             await state.embeddings.close()
-            for task in (listener, leaseholder, webhook_worker, flusher):
+            for task in (listener, leaseholder, whip_forwarded, sampler, webhook_worker, flusher):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await state.lease.release()  # every call ended above: nothing for others to sweep
             await state.outbox.close()
             await async_client.aclose()
@@ -225,7 +227,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: Settings, **uvicorn_options: Any) -> None:
+def serve(settings: Settings, sockets: list[socket.socket] | None = None, **uvicorn_options: Any) -> None:
+    """``sockets``: bound sockets to serve on instead of host and port (streamer/workers.py's workers)."""
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -240,4 +243,4 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         server_header=False,
         **uvicorn_options,
     )
-    _Server(config).run()
+    _Server(config).run(sockets=sockets)

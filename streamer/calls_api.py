@@ -21,12 +21,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
 
 from streamer.api import Monitor, state
 from streamer.feeds import alerts_key, binding_channel, binding_key, verdicts_key
 from streamer.gateway import apply_binding
-from streamer.redis_clients import is_cluster
+from streamer.redis_clients import REDIS_ERRORS, is_cluster
 from streamer.redis_clients import pubsub as redis_pubsub
 from streamer.state import AppState
 from streamer.store import SPEAKER_RE, check_speaker
@@ -180,7 +179,7 @@ def _sse(app: AppState, key: str, after: str | None) -> StreamingResponse:
                 if app.stopping:
                     return  # the client resumes from its Last-Event-ID on the next gateway
                 yield ": keep-alive\n\n" if entry is None else entry.sse()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # The response has started, so no problem body can follow: end the stream. The client
             # reconnects after the retry delay and resumes with Last-Event-ID once Redis is back.
             log.warning("event stream ended: Redis failed (%s); the client will resume", exc)

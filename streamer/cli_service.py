@@ -435,12 +435,23 @@ def redis_status(port: PortOption = None) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Listen address (VPMON_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (VPMON_PORT).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="Gateway processes sharing the port, one event loop each (VPMON_WORKERS)."
+        ),
+    ] = None,
 ) -> None:
-    """Run the vpmon server: the HTTP API (and, as they land, live calls and the supervisor page)."""
+    """Run the vpmon server: the HTTP API, live calls, alerts, /metrics and the supervisor page."""
+    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None}
+    settings = Settings(**overrides)
+    if settings.workers > 1:
+        from streamer.workers import serve_workers
+
+        raise typer.Exit(serve_workers(settings))
     from streamer.app import serve as run_server
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    run_server(Settings(**overrides))
+    run_server(settings)
 
 
 @config_app.callback(invoke_without_command=True)

@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
-import redis
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
@@ -58,6 +57,7 @@ from streamer.protocols.events import (
     CallStarted,
     ProtocolViolation,
 )
+from streamer.redis_clients import REDIS_ERRORS
 from streamer.session import CallSession, CallState, Output
 from streamer.state import AppState
 from streamer.store import TENANT_RE, check_speaker
@@ -476,7 +476,7 @@ async def verdict_loop(state: AppState, call: LiveCall) -> None:
             unbound = False
             try:
                 await bind(state, call, item.agent_id, item.agent_channel, item.in_band)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 # The new agent's voiceprint is out of reach: verifying the old one would accuse the new
                 # agent, so the call ends (the peer may stream it again once Redis is back).
                 metrics.REDIS_ERRORS.inc()

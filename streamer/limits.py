@@ -1,9 +1,11 @@
 """Per-key limits, sans-I/O: a token bucket per API key for its request rate, and a count of its live calls.
 
 Both count what one gateway process sees. Behind N gateways a key may make up to N times the rate and
-hold up to N times the calls (as many as the load balancer spreads its traffic over): the limits keep
-one runaway or hostile client from taking a gateway's event loop, CPU and memory from the others; they
-are not a global quota, which would need a shared counter in Redis on every request.
+hold up to N times the calls (as many as the load balancer spreads its traffic over), and so it may on
+one machine running ``vpmon serve --workers N`` (each worker is a gateway; the kernel spreads the
+connections): the limits keep one runaway or hostile client from taking a gateway's event loop, CPU and
+memory from the others; they are not a global quota, which would need a shared counter in Redis on every
+request (and a way to give back the slots of a worker that died).
 
 Nothing here reads a clock or does I/O: the clock is injected (``time.monotonic`` by default), and the
 asyncio layer decides how to refuse (HTTP 429 in streamer/api.py and streamer/whip.py, the call

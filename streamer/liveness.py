@@ -28,10 +28,10 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 
-import redis
 import redis.asyncio as aredis
 
 from streamer.feeds import Feeds, calls_key
+from streamer.redis_clients import REDIS_ERRORS
 
 log = logging.getLogger("vpmon.liveness")
 
@@ -65,7 +65,7 @@ class GatewayLease:
         """A call started here: listed before its first renewal (best effort; the renewal lists it too)."""
         member = _member(tenant, call_id)
         self._listed.add(member)  # so that a renewal removes it once it has ended
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.client.sadd(gateway_calls_key(self.gateway_id), member)
 
     async def renew(self, live_calls: Iterable[tuple[str, str]]) -> float:
@@ -129,7 +129,7 @@ class GatewayLease:
             try:
                 now = await self.renew(live_calls())
                 await self.sweep(now)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if self._healthy_since is not None:
                     log.warning("gateway lease: Redis unavailable (%s)", exc)
                 self._healthy_since = None

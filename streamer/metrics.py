@@ -53,27 +53,87 @@ vpmon_asyncio_tasks                          asyncio tasks alive on the event lo
 ``vpmon_whip_peer_connections``, ``vpmon_redis_up``, ``vpmon_spooled_alerts`` and ``vpmon_asyncio_tasks``
 are gauges; the
 ``*_seconds`` without ``_total`` and ``vpmon_embedding_batch_windows`` are histograms (``_bucket``,
-``_sum``, ``_count``), ``vpmon_build_info`` an info metric.
+``_sum``, ``_count``), ``vpmon_build_info`` an info metric (a gauge of 1 with the info as labels).
 
 Plus prometheus-client's own ``process_*`` and ``python_*`` metrics. The instrumentation is one line at
 each point where the thing happens (streamer/gateway.py, streamer/embedding.py, …); verifier/ knows
 nothing of it.
+
+**Several worker processes** (``vpmon serve --workers N``, streamer/workers.py): a scrape reaches any one
+of them, so every one answers with the machine's totals, through prometheus-client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the parent for its workers): each process writes its values to
+files there and ``/metrics`` merges them. Counters and histograms are summed over every worker that ran
+since the server started (a restarted worker's counts stay); the gauges are summed over the live workers
+(``vpmon_calls_active``, …, ``vpmon_asyncio_tasks``), except ``vpmon_redis_up``, the smallest (0 when any
+worker cannot write), and ``vpmon_build_info``. Gauges read from a function at each scrape are written
+by each worker every ``SAMPLE_S`` instead (``keep_sampled_gauges``): a scrape cannot call another
+process' functions. There are no ``process_*`` and ``python_*`` metrics then: they would be the one
+worker's that answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import Gauge as _PlainGauge
+from prometheus_client.multiprocess import MultiProcessCollector
+
+log = logging.getLogger("vpmon.metrics")
+
+# prometheus-client decides this when it is imported: its values live in files shared by the workers.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+SAMPLE_S = 1.0  # multiprocess mode: how often each worker writes its function gauges
+_sampled: dict[_PlainGauge, Callable[[], float]] = {}
+
+
+class Gauge(_PlainGauge):
+    """A gauge whose ``set_function`` also works with several workers: in a single process the function
+    is called at each scrape, as prometheus-client does; in multiprocess mode ``keep_sampled_gauges``
+    writes its value every ``SAMPLE_S``. Summed over the live workers unless told otherwise."""
+
+    def __init__(self, *args: Any, multiprocess_mode: str = "livesum", **kwargs: Any) -> None:
+        super().__init__(*args, multiprocess_mode=multiprocess_mode, **kwargs)  # type: ignore[arg-type]
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        if MULTIPROCESS:
+            _sampled[self] = f
+        else:
+            super().set_function(f)
+
+
+class BuildInfo(Gauge):
+    """An info metric as a gauge of 1 with the info as labels: prometheus-client's ``Info`` has no
+    multiprocess mode, a gauge has, and the text format is the same (``vpmon_build_info{…} 1.0``)."""
+
+    def info(self, labels: dict[str, str]) -> None:
+        self.labels(**labels).set(1)
+
+
+async def keep_sampled_gauges() -> None:
+    """Multiprocess mode: write this worker's function gauges every ``SAMPLE_S``, until cancelled (the
+    server's lifespan runs it). In a single process it returns at once: the scrape calls them."""
+    if not MULTIPROCESS:
+        return
+    while True:
+        for gauge, read in list(_sampled.items()):
+            try:
+                gauge.set(read())
+            except Exception:  # a gauge that cannot be read now must not stop the others
+                log.exception("reading the gauge %s failed", gauge._name)
+        await asyncio.sleep(SAMPLE_S)
+
 
 # No ``*_created`` series: Prometheus does not use them here, and they would double the series count.
 disable_created_metrics()
@@ -86,7 +146,12 @@ SHED_OUTCOMES = ("thinned", "dropped", "overflow")  # streamer/embedding_queue.p
 # are counted as "other", so a peer cannot make new series.
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1008, 1009, 1011, 1012, 1013, 4001, 4004, 4009})
 
-BUILD = Info("vpmon_build", "The vpmon version and the speaker model this gateway serves.")
+BUILD = BuildInfo(
+    "vpmon_build_info",
+    "The vpmon version and the speaker model this gateway serves.",
+    ["version", "model"],
+    multiprocess_mode="livemax",
+)
 CALLS_ACTIVE = Gauge("vpmon_calls_active", "Calls live on this gateway.", ["protocol"])
 FRAMES_RECEIVED = Counter(
     "vpmon_audio_frames_received_total", "Audio messages or frames received.", ["protocol"]
@@ -143,7 +208,15 @@ REDIS_ERRORS = Counter("vpmon_redis_errors_total", "Requests and calls failed by
 REDIS_CONNECTS = Counter("vpmon_redis_connects_total", "Connections opened by the gateway's Redis pool.")
 WHIP_PEER_CONNECTIONS = Gauge("vpmon_whip_peer_connections", "WebRTC peer connections open.")
 # Redis outages (streamer/spool.py).
-REDIS_UP = Gauge("vpmon_redis_up", "1 while the gateway writes to Redis; 0 while alerts wait in its spool.")
+REDIS_UP = Gauge(
+    "vpmon_redis_up",
+    "1 while the gateway writes to Redis; 0 while alerts wait in its spool.",
+    multiprocess_mode="livemin",  # with several workers: 0 when any of them cannot write
+)
+if MULTIPROCESS:
+    # A worker still loading its model must not pull the machine's value to 0: it counts as up until
+    # its lifespan writes its own value (keep_sampled_gauges, from before it serves).
+    REDIS_UP.set(1)
 SPOOLED_ALERTS = Gauge("vpmon_spooled_alerts", "Alerts in the local spool, waiting for Redis.")
 ALERTS_SPOOLED = Counter("vpmon_alerts_spooled_total", "Alerts and notices written to the local spool.")
 ALERTS_UNSPOOLED = Counter("vpmon_alerts_unspooled_total", "Spooled alerts and notices written to Redis.")
@@ -183,7 +256,11 @@ async def redis_connected(connection: Any) -> None:
 
 
 def exposition() -> tuple[bytes, str]:
-    """The text format Prometheus scrapes, and its content type."""
+    """The text format Prometheus scrapes, and its content type; with several workers, their totals."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
 
 

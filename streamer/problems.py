@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from streamer import metrics
+from streamer.redis_clients import REDIS_UNAVAILABLE
 from verifier.errors import (
     AudioError,
     AudioLimitError,
@@ -164,8 +165,8 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(VpmonError, _vpmon_error)
-    app.add_exception_handler(redis.ConnectionError, _redis_error)
-    app.add_exception_handler(redis.TimeoutError, _redis_error)
+    for unavailable in REDIS_UNAVAILABLE:  # a cluster's CLUSTERDOWN and redis-py's own cluster errors too
+        app.add_exception_handler(unavailable, _redis_error)
     app.add_exception_handler(redis.BusyLoadingError, _redis_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

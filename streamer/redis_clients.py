@@ -12,6 +12,14 @@ touches one slot; the pipelines that span tenants or keys without a common tag a
 every node, so the binding listener's PSUBSCRIBE on whichever node redis-py picks hears every gateway.
 
 Both clients speak RESP2 with bytes replies: streamer/store.py needs that for VSIM and vectors.
+
+A cluster fails in ways a single server does not (tests/test_cluster_outage.py): a master that dies
+refuses connections to its slots at once; once the other masters have failed it (``cluster-node-timeout``)
+and no replica takes its slots, the cluster serves no slot at all (``cluster-require-full-coverage``, the
+default) and every command is answered CLUSTERDOWN, a ``ResponseError``; and when no node answers,
+redis-py raises its own ``RedisClusterException``, which is not a ``RedisError``. Code that must outlive
+an outage catches ``REDIS_ERRORS``; code that tells "Redis cannot serve" (503) from a bug catches
+``REDIS_UNAVAILABLE``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,19 @@ import redis.cluster
 from streamer.redis_server import embedded_url
 from streamer.settings import Settings
 from verifier.errors import StoreError
+
+# Any failed Redis command, a cluster's included: what keeps a call or a background task alive through an
+# outage (a live call's writes are spooled, a listener subscribes again, a worker retries).
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+# Redis cannot serve now, and retrying later may succeed: answered with 503, as a single server's refused
+# connection is. RedisClusterException is also what redis-py raises for a command it cannot route (keys
+# in different slots); vpmon's keys share their tenant's hash tag, so here it means no node answered.
+REDIS_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = aredis.Redis | redis.asyncio.cluster.RedisCluster
@@ -49,6 +70,23 @@ def sync_client(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIM
     if not cluster:
         return redis.Redis.from_url(url, **options)
     return _cluster(redis.cluster.RedisCluster, url, options)
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, whose commands fail with Redis errors only.
+
+    On CLUSTERDOWN it closes every connection of every node, while other commands of the same client may
+    be using them: those fail with whatever the torn-down transport raises (``'NoneType' object has no
+    attribute 'writelines'``, uvloop's ``RuntimeError: ... the handler is closed``; a ``TypeError`` on
+    Python 3.12, redis-py issue #4287), which no code that rides out an outage expects. Here they are
+    what they mean: the connection was lost under the command.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, RuntimeError, TypeError) as exc:
+            raise redis.ConnectionError(f"connection closed under {args[0]!r}: {exc!r}") from exc
 
 
 def async_client(
@@ -75,7 +113,7 @@ def async_client(
         "max_connections": max_connections,
     }
     if cluster:
-        return _cluster(redis.asyncio.cluster.RedisCluster, url, options)
+        return _cluster(_AsyncCluster, url, options)
     if on_connect is not None:
         options["redis_connect_func"] = on_connect
     pool = aredis.BlockingConnectionPool.from_url(url, timeout=pool_wait_s, **options)
@@ -84,10 +122,14 @@ def async_client(
 
 def _cluster(cls: Any, url: str, options: dict[str, Any]) -> Any:
     try:
-        return cls.from_url(url, **options)
+        client = cls.from_url(url, **options)
     except redis.exceptions.RedisClusterException as exc:
         # e.g. a URL with a database number: a cluster has database 0 only.
         raise StoreError(f"cannot use {_without_password(url)} as a Redis Cluster: {exc}") from exc
+    # PING is how the spool's flusher and /readyz ask "does Redis answer?". redis-py sends it to one node,
+    # which answers even while another master is dead and its slots unserved: ask every master instead.
+    client.command_flags["PING"] = cls.PRIMARIES
+    return client
 
 
 def _without_password(url: str) -> str:

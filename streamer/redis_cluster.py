@@ -25,6 +25,7 @@ from verifier.errors import StoreError
 SLOTS = 16384
 BUS_PORT_OFFSET = 10000  # a node's cluster bus listens on its port + 10000
 JOIN_TIMEOUT_S = 20.0
+NODE_TIMEOUT_MS = 5000  # redis' cluster-node-timeout: how long a master may be silent before it is failed
 
 
 def free_cluster_ports(count: int) -> list[int]:
@@ -56,10 +57,15 @@ def slot_ranges(masters: int) -> list[tuple[int, int]]:
 
 class LocalCluster:
     """``start``: the nodes, joined and covering every slot; ``stop``: all of them. ``url`` is the
-    first node's (a cluster client finds the others from it)."""
+    first node's (a cluster client finds the others from it). A node stopped or killed alone comes back
+    into the cluster with its ``start()``: same port, same data dir, and so the same ``nodes.conf``."""
 
     def __init__(
-        self, directory: Path, ports: Sequence[int] | None = None, password: str | None = None
+        self,
+        directory: Path,
+        ports: Sequence[int] | None = None,
+        password: str | None = None,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
     ) -> None:
         self.dir = Path(directory)
         self.password = password or secrets.token_urlsafe(32)
@@ -73,7 +79,7 @@ class LocalCluster:
                 extra_config=(
                     "cluster-enabled yes",
                     "cluster-config-file nodes.conf",  # in the node's data dir
-                    "cluster-node-timeout 5000",
+                    f"cluster-node-timeout {node_timeout_ms}",
                     f"masterauth {self.password}",
                 ),
             )

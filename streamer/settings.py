@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     # --- the server ---------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8080, ge=1, le=65535, description="Port the server listens on.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes behind the port, each with its own event loop and embedding pool "
+        "(streamer/workers.py); 1: the server is one process.",
+    )
     embed_threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per inference.")
     embed_workers: int = Field(2, ge=1, le=64, description="Uploads embedded at the same time.")
     embedding_mode: Literal["pool", "naive"] = Field(

@@ -22,7 +22,8 @@ then the connection dropped) and was spooled, or a spool flushed twice (a gatewa
 its entries and emptying its file), is stored once.
 
 Files: one directory per Redis server under the spool dir (``127.0.0.1-6390-0``: a spool is only ever
-flushed to the Redis it was for); in it each gateway appends to its own ``alerts-<gateway id>.jsonl``,
+flushed to the Redis it was for); in it each gateway (each worker process of ``vpmon serve --workers N``
+is one, with an id of its own) appends to its own ``alerts-<gateway id>.jsonl``,
 one JSON object per line, and holds an exclusive lock (flock) on it while it runs. The file is emptied only
 once Redis has acknowledged every entry in it. A file that no process holds was left by a gateway that
 stopped: the flusher adopts it, writes what it holds, and deletes it, so the next gateway on the same
@@ -47,10 +48,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
-
 from streamer import metrics
 from streamer.feeds import Feeds
+from streamer.redis_clients import REDIS_ERRORS
 
 log = logging.getLogger("vpmon.spool")
 
@@ -194,7 +194,7 @@ class Outbox:
         if self.writable and not self.pending:
             try:
                 return await self.feeds.add_alert(tenant, kind, data)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._unwritable(exc)  # and spool it: if the write did happen, the flush finds its id
         entry = {"tenant": tenant, "kind": kind, "data": dict(data)}
         async with self._lock:
@@ -217,7 +217,7 @@ class Outbox:
             try:
                 await self.feeds.add_verdict(tenant, kind, data)
                 return
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._unwritable(exc)
         metrics.VERDICTS_DROPPED.inc()
 
@@ -228,7 +228,7 @@ class Outbox:
             try:
                 await self.feeds.set_call(tenant, call_id, state, ended)
                 return
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._unwritable(exc)
         if (tenant, call_id) in self.calls:
             metrics.CALL_STATES_COALESCED.inc()
@@ -255,7 +255,7 @@ class Outbox:
         self._wake.clear()
         try:
             await self._flush()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._unwritable(exc)
         except Exception:  # a disk error, or a bug: the flusher must outlive it, or alerts wait forever
             log.exception("flushing the spool failed; retrying")

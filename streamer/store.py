@@ -61,6 +61,7 @@ import redis
 import redis.cluster
 from redis.commands.helpers import get_protocol_version
 
+from streamer.redis_clients import REDIS_ERRORS
 from verifier.errors import InvalidValueError, ModelMismatchError, StoreError
 
 Backend = Literal["auto", "vset", "ft"]
@@ -222,7 +223,7 @@ def open_store(
         )
     try:
         available = available_backends(client)
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise StoreError(f"cannot reach Redis to open the voiceprint store: {exc}") from exc
     if backend == "auto":
         backend = "vset" if "vset" in available else "ft"

@@ -49,6 +49,7 @@ import redis
 import redis.asyncio as aredis
 
 from streamer.feeds import ACK, ALERT, NOTICE, FeedEntry, alerts_key
+from streamer.redis_clients import REDIS_ERRORS, REDIS_UNAVAILABLE
 from streamer.store import check_tenant
 from streamer.webhook_verify import new_secret, signature_header
 from verifier.errors import InvalidValueError, NotFoundError
@@ -336,7 +337,7 @@ class WebhookWorker:
             while True:
                 try:
                     wanted = await self._enabled_endpoints()
-                except (redis.RedisError, ValueError) as exc:  # Redis away, or a record it cannot read
+                except (*REDIS_ERRORS, ValueError) as exc:  # Redis away, or a record it cannot read
                     log.warning("webhooks: cannot list endpoints (%s); retrying", exc)
                     wanted = set(tasks)
                 for key in set(tasks) - wanted:
@@ -378,15 +379,17 @@ class WebhookWorker:
                     return
                 await self._deliver_new(tenant, endpoint)
                 await self._retry_due(tenant, endpoint)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc) or endpoint is None:
-                    raise
-                # The stream was deleted, and its groups with it: what it holds now was never delivered.
-                with contextlib.suppress(redis.ResponseError):
-                    await self.client.xgroup_create(
-                        alerts_key(tenant), group_name(endpoint_id), id="0", mkstream=True
-                    )
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
+                # A reply refused (but not a cluster's CLUSTERDOWN, an outage like a refused connection).
+                if isinstance(exc, redis.ResponseError) and not isinstance(exc, REDIS_UNAVAILABLE):
+                    if "NOGROUP" not in str(exc) or endpoint is None:
+                        raise
+                    # The stream was deleted, and its groups with it: what it holds now was never delivered.
+                    with contextlib.suppress(redis.ResponseError):
+                        await self.client.xgroup_create(
+                            alerts_key(tenant), group_name(endpoint_id), id="0", mkstream=True
+                        )
+                    continue
                 log.warning(
                     "webhook %s: Redis error (%s); retrying", endpoint_id, exc, extra={"tenant": tenant}
                 )

@@ -9,7 +9,8 @@ Routes (one port with the REST API; every one needs a monitor or admin key, ``Au
                            through ``PUT /v1/calls/{call_id}/agent``). → ``201 Created``, ``Location:
                            /v1/whip/<session id>``, the SDP answer with every candidate (no trickle).
     DELETE /v1/whip/{id}   ends the call: its last windows' verdicts are published (and sent on the data
-                           channel) first; → ``200`` with the call's final state.
+                           channel) first; → ``200`` with the call's final state. Any gateway answers it:
+                           one that does not hold the session asks its owner through Redis (below).
     GET    /v1/whip        the tenant's sessions on this gateway and its live peer connections.
 
 A call runs through the websocket gateway's own functions (``start_call``, ``handle_event``,
@@ -25,13 +26,23 @@ or PCMU (or has video), 422 ``agent-not-enrolled`` (the agent named has no voice
 protocols close with 4004 for it), 409 ``model-mismatch`` (the voiceprint is another model's: 4009) or
 ``conflict`` (the call id is already streaming here), 429 the key holds ``VPMON_KEY_MAX_CALLS`` calls on
 this gateway already, 404 an unknown session.
+
+A session lives in the gateway process that answered its offer (its peer connection, its call), but the
+DELETE may reach another: a sibling worker of ``vpmon serve --workers N`` behind the same port, or another
+gateway behind a load balancer. A session id starts with its gateway's id, so the gateway that gets the
+DELETE publishes it on the owner's channel ``vpwhip:<gateway id>`` (Redis pub/sub) with a reply channel;
+the owner ends the session as for its own DELETE and publishes the call's final state back. No owner
+listening (the publish reached nobody): 404, the session ended with its gateway; no answer within
+``FORWARD_TIMEOUT_S``: 504. ``GET /v1/whip`` lists the sessions of the gateway process that answers it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import secrets
 import uuid
 from collections import deque
@@ -57,6 +68,8 @@ from streamer.protocols.whip import (
     check_offer,
     is_sdp,
 )
+from streamer.redis_clients import REDIS_ERRORS, is_cluster
+from streamer.redis_clients import pubsub as redis_pubsub
 from streamer.settings import Settings
 from streamer.state import AppState
 from streamer.webrtc import ice_configuration, include_loopback_candidates
@@ -67,6 +80,23 @@ router = APIRouter()
 PENDING_MESSAGES = 256  # verdicts waiting for the publisher's data channel to open
 CHANNEL_CLOSE_SECONDS = 2.0  # for the data channel's close to reach the publisher after the last verdict
 SESSION_PATH = "/v1/whip/{session_id}"
+FORWARD_TIMEOUT_S = 30.0  # for the owner of a session to end it (its last windows) and answer
+RESUBSCRIBE_S = 1.0  # after Redis dropped the forwarded DELETEs' subscription
+
+
+def new_session_id(gateway_id: str) -> str:
+    """Its gateway's id (hex), a dash, a random part: any gateway can tell whose session it is."""
+    return f"{gateway_id}-{secrets.token_urlsafe(16)}"
+
+
+def session_owner(session_id: str) -> str | None:
+    """The id of the gateway that made the session, or None for an id no gateway made."""
+    owner = session_id.partition("-")[0]
+    return owner if re.fullmatch(r"[0-9a-f]{12}", owner) else None  # secrets.token_hex(6)
+
+
+def forward_channel(gateway_id: str) -> str:
+    return f"vpwhip:{gateway_id}"
 
 
 class DataChannelTransport:
@@ -153,10 +183,12 @@ class WhipSessions:
             include_loopback_candidates()
         self.sessions: dict[str, WhipSession] = {}
         self.peer_connections: dict[RTCPeerConnection, str] = {}  # → tenant
+        self.forwarded: set[asyncio.Task[None]] = set()  # DELETEs other gateways passed on, being done
 
     def peer_connection(self, tenant: str) -> RTCPeerConnection:
         pc = RTCPeerConnection(self.configuration)
         self.peer_connections[pc] = tenant
+        self._count_peer_connections()
         return pc
 
     async def close_peer_connection(self, pc: RTCPeerConnection) -> None:
@@ -164,6 +196,13 @@ class WhipSessions:
             await pc.close()
         finally:
             self.peer_connections.pop(pc, None)
+            self._count_peer_connections()
+
+    def _count_peer_connections(self) -> None:
+        # With several workers the gauge is otherwise written once a second (streamer/metrics.py): a
+        # scrape right after a call must not see its peer connection still open. (In one process the
+        # scrape reads the dict itself.)
+        metrics.WHIP_PEER_CONNECTIONS.set(len(self.peer_connections))
 
     def live_peer_connections(self, tenant: str) -> int:
         return sum(1 for owner in self.peer_connections.values() if owner == tenant)
@@ -194,7 +233,7 @@ class WhipSessions:
             transport = DataChannelTransport()
             pc.on("datachannel", transport.attach)
             track = transceiver.receiver.track
-            session = WhipSession(secrets.token_urlsafe(16), tenant, pc, track, protocol, transport)
+            session = WhipSession(new_session_id(app.gateway_id), tenant, pc, track, protocol, transport)
 
             @pc.on("connectionstatechange")
             def on_state() -> None:
@@ -262,6 +301,68 @@ class WhipSessions:
         await asyncio.gather(*(self.end(s, "shutdown") for s in sessions), return_exceptions=True)
         for pc in list(self.peer_connections):
             await self.close_peer_connection(pc)
+        await asyncio.gather(*self.forwarded, return_exceptions=True)  # their answers, then Redis closes
+
+    async def serve_forwarded(self, app: AppState) -> None:
+        """DELETEs of this gateway's sessions that reached another gateway, until cancelled; subscribed
+        again whenever Redis drops the subscription."""
+        while True:
+            try:
+                pubsub = await redis_pubsub(app.redis)
+                try:
+                    await pubsub.subscribe(forward_channel(app.gateway_id))
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            task = asyncio.create_task(self._answer_forwarded(app, message["data"]))
+                            self.forwarded.add(task)
+                            task.add_done_callback(self.forwarded.discard)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+            except REDIS_ERRORS as exc:
+                log.warning("forwarded WHIP DELETEs: Redis unavailable (%s); subscribing again", exc)
+            await asyncio.sleep(RESUBSCRIBE_S)
+
+    async def _answer_forwarded(self, app: AppState, data: bytes) -> None:
+        try:
+            request = json.loads(data)
+            session_id, tenant, reply = request["session_id"], request["tenant"], request["reply"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed forwarded WHIP DELETE: %s", exc)
+            return
+        session = self.sessions.get(session_id)
+        answer: dict[str, Any] = {"status": 404}
+        if session is not None and session.tenant == tenant:
+            await self.end(session, "deleted")
+            assert session.call is not None
+            answer = {"status": 200, "call": session.call.session.describe()}
+        try:
+            await app.redis.publish(reply, json.dumps(answer, default=str))
+        except REDIS_ERRORS as exc:  # the other gateway answers 503 or 504 to its client
+            log.warning("could not answer a forwarded WHIP DELETE: %s", exc)
+
+
+async def forward_end(app: AppState, owner: str, session_id: str, tenant: str) -> dict[str, Any] | None:
+    """End a session another gateway holds: its final call state, or None if it has no such session
+    (or runs no more). TimeoutError if it does not answer within ``FORWARD_TIMEOUT_S``."""
+    reply = f"vpwhip-reply:{secrets.token_urlsafe(12)}"
+    request = json.dumps({"session_id": session_id, "tenant": tenant, "reply": reply})
+    pubsub = await redis_pubsub(app.redis)
+    try:
+        await pubsub.subscribe(reply)  # before the request goes out: the answer cannot come first
+        receivers = await app.redis.publish(forward_channel(owner), request)
+        # A cluster counts only the node's own subscribers: there, wait for the answer in any case.
+        if receivers == 0 and not is_cluster(app.redis):
+            return None
+        async with asyncio.timeout(FORWARD_TIMEOUT_S):
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    answer = json.loads(message["data"])
+                    return answer.get("call") if answer.get("status") == 200 else None
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
 
 
 async def receive_audio(app: AppState, session: WhipSession) -> None:
@@ -420,14 +521,38 @@ async def publish(request: Request, key: Monitor) -> Response:
 SessionId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="From the Location header.")]
 
 
-@router.delete(SESSION_PATH, tags=["calls"], response_model=None)
+@router.delete(
+    SESSION_PATH,
+    tags=["calls"],
+    response_model=None,
+    responses={
+        504: {
+            "description": "The gateway holding the session did not answer within 30 s: retry.",
+            "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA_REF}},
+        }
+    },
+)
 async def end_session(request: Request, key: Monitor, session_id: SessionId) -> JSONResponse:
     """End a WebRTC call; answers once its last verdicts are published, with the call's final state."""
-    sessions = whip_sessions(request)
+    app, sessions = state(request), whip_sessions(request)
     session = sessions.sessions.get(session_id)
+    not_found = f"no WHIP session {session_id}: it ended, or never existed"
+    owner = session_owner(session_id)
+    if session is None and owner is not None and owner != app.gateway_id:
+        try:
+            call = await forward_end(app, owner, session_id, key.tenant)
+        except TimeoutError:
+            detail = (
+                f"the gateway holding WHIP session {session_id} did not answer within "
+                f"{FORWARD_TIMEOUT_S:.0f} s; retry the DELETE"
+            )
+            return problems.problem(504, "gateway-timeout", "Gateway timeout", detail)
+        outcome = "ended" if call is not None else "no such session there"
+        log.info("WHIP session %s: DELETE passed to gateway %s: %s", session_id, owner, outcome)
+        return JSONResponse(call) if call is not None else problems.http_problem(404, not_found)
     # Another tenant's session answers as one that does not exist: a 403 would confirm the id.
     if session is None or session.tenant != key.tenant:
-        return problems.http_problem(404, f"no WHIP session {session_id} here: it ended, or never existed")
+        return problems.http_problem(404, not_found)
     await sessions.end(session, "deleted")
     assert session.call is not None
     return JSONResponse(session.call.session.describe())

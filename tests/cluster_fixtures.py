@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from streamer.redis_cluster import LocalCluster
+from streamer.redis_cluster import NODE_TIMEOUT_MS, LocalCluster
 from verifier.errors import StoreError
 
 
-def start_cluster(directory: Path) -> LocalCluster:
+def start_cluster(directory: Path, node_timeout_ms: int = NODE_TIMEOUT_MS) -> LocalCluster:
     """Start a three-master cluster; another process may take a port between our check and redis' bind,
     so try a few sets of ports before giving up."""
     error: StoreError | None = None
     for attempt in range(3):
-        cluster = LocalCluster(directory / f"attempt-{attempt}")
+        cluster = LocalCluster(directory / f"attempt-{attempt}", node_timeout_ms=node_timeout_ms)
         try:
             cluster.start()
             return cluster
