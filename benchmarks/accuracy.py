@@ -4,13 +4,16 @@
     python benchmarks/accuracy.py --quick              a smoke run on a subset of the utterances
     python benchmarks/accuracy.py --models campplus --modes telephone
 
-Sections (all through the same pipeline as ``vpmon score``: level → VAD windows → embeddings averaged):
+Sections (all through the same pipeline as ``vpmon score``: level → VAD windows → the front end (the
+narrowband fill for 8 kHz audio, ``VadConfig.narrowband_fill_dbfs``; ``--narrowband-fill off``: without)
+→ embeddings averaged):
 
 1. **Durations**: EER and minDCF(p=0.01) of the dev set's trial list, enrolment whole, test side cut to
    full / 3 / 1 / 0.5 s of net speech, per model and dev-set mode (seed 0).
-2. **Calibration**: the packaged calibration was fitted on the telephone set of seed 1; here it is applied
-   to seed 0: Cllr (bits; 1 = uninformative) and the actual miss / false-alarm rates of the Bayes
-   decision ``llr >= 0`` (calibration prior 0.5), per duration.
+2. **Calibration**: the packaged calibration was fitted on the telephone set of seed 0 (the tuning draw);
+   here it is applied to the same mode's seed-1 trials (the held-out draw): Cllr (bits; 1 =
+   uninformative) and the actual miss / false-alarm rates of the Bayes decision ``llr >= 0``
+   (calibration prior 0.5), per duration.
 3. **Accumulation** (telephone): does evidence from k consecutive 3 s windows of one talker add up, and is
    averaging the k window embeddings as good as re-embedding the k·3 s span? See ``build_calls``.
 4. **VAD** (CAM++, telephone): full / 3 s EER for webrtcvad aggressiveness 0–3, for windows concatenated
@@ -42,10 +45,12 @@ sys.path.insert(0, str(BENCH))
 from common import environment  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
+from verifier.audio import read_audio  # noqa: E402
 from verifier.calibration import packaged_calibration  # noqa: E402
 from verifier.embedder import Embedder  # noqa: E402
 from verifier.metrics import cllr, detection_errors  # noqa: E402
 from verifier.models.provision import ensure_model  # noqa: E402
+from verifier.narrowband import fill_empty_band, is_narrowband  # noqa: E402
 from verifier.pipeline import (  # noqa: E402
     SAMPLE_RATE,
     Combine,
@@ -53,7 +58,7 @@ from verifier.pipeline import (  # noqa: E402
     combine_embeddings,
     embed_windows,
     load_speech,
-    speech_windows,
+    load_windows,
 )
 from verifier.trials import Trial, duration_label, read_trials, score_trials  # noqa: E402
 from verifier.vad import SpeechWindow  # noqa: E402
@@ -62,6 +67,7 @@ DURATIONS: list[float | None] = [None, 3.0, 1.0, 0.5]
 P_TARGET = 0.01
 WINDOW_SECONDS = 3.0
 KS = (1, 2, 4)
+HELD_OUT_SEED = 1  # the packaged calibrations are fitted on seed 0; they are checked on this draw
 QUICK_UTTERANCES = 4  # --quick: the first few utterances of every speaker
 OUTPUT = BENCH / "results" / "accuracy.json"
 
@@ -93,10 +99,14 @@ def load_trials(devdir: Path, quick: bool) -> list[Trial]:
 
 
 # --- 1 + 2: durations and calibration --------------------------------------------------------------
-def duration_rows(mode: str, embedder: Embedder, trials: list[Trial]) -> list[dict[str, Any]]:
+def duration_rows(
+    mode: str, embedder: Embedder, trials: list[Trial], held_out: list[Trial], vad: VadConfig
+) -> list[dict[str, Any]]:
     calibration = packaged_calibration(embedder.model_id)
+    scored = score_trials(embedder, trials, DURATIONS, vad=vad)
+    checked = score_trials(embedder, held_out, DURATIONS, vad=vad) if calibration else [None] * len(scored)
     rows = []
-    for result in score_trials(embedder, trials, DURATIONS):
+    for result, check in zip(scored, checked, strict=True):
         errors = detection_errors(result.scores, result.labels, p_target=P_TARGET)
         row: dict[str, Any] = {
             "mode": mode,
@@ -108,13 +118,14 @@ def duration_rows(mode: str, embedder: Embedder, trials: list[Trial]) -> list[di
             "nontargets": errors.nontargets,
             "mean_net_speech_seconds": float(result.seconds.mean()),
         }
-        if calibration is not None:
-            llr = calibration.llr(result.scores, result.seconds)
+        if calibration is not None and check is not None:
+            llr = calibration.llr(check.scores, check.seconds)
             accept = llr >= 0
-            target = result.labels == 1
+            target = check.labels == 1
             row["calibration"] = {
                 "trained_on": calibration.trained_on,
-                "cllr": cllr(llr, result.labels),
+                "checked_on_seed": HELD_OUT_SEED,
+                "cllr": cllr(llr, check.labels),
                 "miss": float(np.mean(~accept[target])),
                 "false_alarm": float(np.mean(accept[~target])),
             }
@@ -159,7 +170,7 @@ def build_calls(
     return calls
 
 
-def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool) -> dict[str, Any]:
+def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool, vad: VadConfig) -> dict[str, Any]:
     """EER over k = 1, 2, 4 windows, averaged vs re-embedded, on one fixed set of trials.
 
     Trials: enrolment = one whole utterance e of speaker s (VAD windows averaged, as in ``vpmon
@@ -176,7 +187,7 @@ def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool) -> di
     by_speaker = utterances_by_speaker(devdir)
     if quick:
         by_speaker = {s: paths[: QUICK_UTTERANCES + 3] for s, paths in by_speaker.items()}
-    speech = {p: speech_windows(load_speech(p)) for paths in by_speaker.values() for p in paths}
+    speech = {p: load_windows(p, vad) for paths in by_speaker.values() for p in paths}
     calls = build_calls(by_speaker, speech, k_max, starts=2 if quick else None)
     speakers = sorted({c.speaker for c in calls})
     enrolments = [
@@ -221,10 +232,18 @@ def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool) -> di
 
 
 # --- 4: VAD ---------------------------------------------------------------------------------------
-def whole_file_scores(embedder: Embedder, trials: list[Trial]) -> dict[str, float]:
+def whole_file(path: Path, vad: VadConfig) -> np.ndarray:
+    """A recording level-normalised, with the narrowband fill over all of it if it has one (no VAD)."""
+    samples = load_speech(path)
+    if vad.narrowband_fill_dbfs is not None and is_narrowband(read_audio(path).sample_rate):
+        return fill_empty_band(samples, vad.narrowband_fill_dbfs)
+    return samples
+
+
+def whole_file_scores(embedder: Embedder, trials: list[Trial], vad: VadConfig) -> dict[str, float]:
     """No VAD: every file level-normalised and embedded in one pass (test side also: its first 3 s)."""
     paths = sorted({t.enrol for t in trials} | {t.test for t in trials})
-    audio = {p: load_speech(p) for p in paths}
+    audio = {p: whole_file(p, vad) for p in paths}
     full = dict(zip(paths, embedder.embed_batch([audio[p] for p in paths]), strict=True))
     first = dict(
         zip(paths, embedder.embed_batch([audio[p][: int(3 * SAMPLE_RATE)] for p in paths]), strict=True)
@@ -237,9 +256,10 @@ def whole_file_scores(embedder: Embedder, trials: list[Trial]) -> dict[str, floa
     return out
 
 
-def vad_rows(embedder: Embedder, trials: list[Trial], default_rows: list[dict[str, Any]]) -> list[dict]:
+def vad_rows(
+    embedder: Embedder, trials: list[Trial], default_rows: list[dict[str, Any]], default: VadConfig
+) -> list[dict]:
     rows = []
-    default = VadConfig()
     for aggressiveness in range(4):
         for combine in ("average", "concatenate"):
             if combine == "concatenate" and aggressiveness != default.aggressiveness:
@@ -256,7 +276,7 @@ def vad_rows(embedder: Embedder, trials: list[Trial], default_rows: list[dict[st
             label = f"webrtcvad {aggressiveness}, windows {'averaged' if combine == 'average' else 'joined'}"
             rows.append({"setting": label, "full": eers["full"], "3 s": eers["3 s"]})
     rows.append({"setting": "no VAD, whole file in one pass (3 s = first 3 s of audio)"})
-    rows[-1].update(whole_file_scores(embedder, trials))
+    rows[-1].update(whole_file_scores(embedder, trials, default))
     return rows
 
 
@@ -283,7 +303,9 @@ def print_calibration(rows: list[dict[str, Any]]) -> None:
     if not calibrated:
         return
     trained = calibrated[0]["calibration"]["trained_on"]
-    table = Table(title=f"Packaged calibration (fitted on {trained}) applied to seed 0; decision llr >= 0")
+    table = Table(
+        title=f"Packaged calibration (fitted on {trained}) applied to seed {HELD_OUT_SEED}; decision llr >= 0"
+    )
     for column in ("mode", "model", "test side", "Cllr (bits)", "miss %", "false alarm %"):
         table.add_column(column, justify="right")
     for row in calibrated:
@@ -333,8 +355,15 @@ def main() -> None:
         "--quick", action="store_true", help=f"only the first {QUICK_UTTERANCES} utterances per speaker"
     )
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    parser.add_argument(
+        "--narrowband-fill",
+        default="on",
+        choices=("on", "off"),
+        help="the front end's narrowband fill (VadConfig.narrowband_fill_dbfs) at its default level, or off",
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the JSON results")
     args = parser.parse_args()
+    vad = VadConfig() if args.narrowband_fill == "on" else VadConfig(narrowband_fill_dbfs=None)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
@@ -347,13 +376,15 @@ def main() -> None:
             "threads": args.threads,
             "quick": args.quick,
             "p_target": P_TARGET,
-            "vad": asdict(VadConfig()),
+            "vad": asdict(vad),
             "seed": 0,
+            "calibration_checked_on_seed": HELD_OUT_SEED,
         },
         "section_seconds": {},
     }
     embedders = {name: Embedder.load(name, threads=args.threads) for name in models}
     dirs = {mode: devset_dir(mode) for mode in modes}
+    held_out_dirs = {mode: devset_dir(mode, HELD_OUT_SEED) for mode in modes}
 
     def timed(section: str, start: float) -> None:
         report["section_seconds"][section] = round(
@@ -363,9 +394,10 @@ def main() -> None:
     durations: list[dict[str, Any]] = []
     for mode in modes:
         trials = load_trials(dirs[mode], args.quick)
+        held_out = load_trials(held_out_dirs[mode], args.quick)
         for embedder in embedders.values():
             start = time.perf_counter()
-            durations += duration_rows(mode, embedder, trials)
+            durations += duration_rows(mode, embedder, trials, held_out, vad)
             timed("durations", start)
     report["durations"] = durations
     print_durations(durations)
@@ -374,7 +406,7 @@ def main() -> None:
     if "telephone" in modes:
         start = time.perf_counter()
         accumulation = [
-            accumulation_rows(name, args.threads, dirs["telephone"], args.quick) for name in models
+            accumulation_rows(name, args.threads, dirs["telephone"], args.quick, vad) for name in models
         ]
         timed("accumulation", start)
         report["accumulation"] = {
@@ -390,7 +422,8 @@ def main() -> None:
             default_rows = [
                 r for r in durations if r["mode"] == "telephone" and r["model_id"] == campplus.model_id
             ]
-            report["vad"] = vad_rows(campplus, load_trials(dirs["telephone"], args.quick), default_rows)
+            telephone = load_trials(dirs["telephone"], args.quick)
+            report["vad"] = vad_rows(campplus, telephone, default_rows, vad)
             timed("vad", start)
             print_vad(report["vad"])
 

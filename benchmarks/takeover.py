@@ -6,6 +6,10 @@ often does the real agent raise an alert?
     python benchmarks/takeover.py --quick            a smoke run (fewer voiceprints and calls), about 1 min
     python benchmarks/takeover.py --gap-noise-db -30 the same with a quiet line between turns
     python benchmarks/takeover.py --level-gate-db 20 also sweep the VAD's level gate (one more audio pass)
+    python benchmarks/takeover.py --narrowband-fill off --calibration tuning -o OUT.json
+                                                     the front end before the narrowband fill, calibrated
+                                                     on the tuning draw as the packaged one is
+    python benchmarks/takeover.py --enrol-without-fill voiceprints made before the fill existed, calls with it
 
 Calls are built from the telephone dev voices (``devset.py``) and run through the gateway's code path,
 offline and faster than real time: μ-law 8 kHz in 20 ms chunks of 160 bytes (as Twilio sends them) →
@@ -40,6 +44,12 @@ offline and faster than real time: μ-law 8 kHz in 20 ms chunks of 160 bytes (as
   then swept by replaying ``CallDecision``'s own transition (``_step``) over those LLRs. The replay is
   checked against full ``observe`` runs (same states and alerts) for the default, the recommended and a
   few random settings in every run, and the run stops if they differ.
+* **Front end**: ``--narrowband-fill`` sets ``VadConfig.narrowband_fill_dbfs`` for the calls and the
+  enrolments alike (``off``: the front end before it); ``--enrol-without-fill`` enrols without it and
+  runs the calls with it (voiceprints made before the fill existed). ``--calibration tuning`` fits the
+  score calibration on the tuning draw's trial list with this front end, as ``vpmon calibrate`` does
+  (``CALIBRATION_DURATIONS``), instead of the packaged one: so a front end other than the default is
+  compared with a calibration of its own.
 * **Splits**: the setting is chosen on the calls of dev-set seed 0 (``recommend``) and reported also on
   seed 1 (other utterances and degradations of the same 18 speakers, new voiceprints and calls), so the
   figure quoted is not fitted to the report. The same audio recurs in many calls (the unique audio is
@@ -78,7 +88,7 @@ from accuracy import environment, utterances_by_speaker  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
 from verifier.audio import encode_mulaw, normalise_level, read_audio, to_pcm16  # noqa: E402
-from verifier.calibration import Calibration, packaged_calibration  # noqa: E402
+from verifier.calibration import Calibration, fit_calibration, packaged_calibration  # noqa: E402
 from verifier.decision import LIVE_VAD, CallDecision, DecisionPolicy, State  # noqa: E402
 from verifier.embedder import Embedder  # noqa: E402
 from verifier.enrolment import DEFAULT_POLICY as ENROLMENT_POLICY  # noqa: E402
@@ -86,9 +96,11 @@ from verifier.enrolment import EnrolmentError, Recording, check_recording, enrol
 from verifier.pipeline import VadConfig  # noqa: E402
 from verifier.scoring import cosine  # noqa: E402
 from verifier.stream import AgentAudio  # noqa: E402
+from verifier.trials import parse_durations, read_trials, score_trials  # noqa: E402
 from verifier.vad import SpeechWindow  # noqa: E402
 
 MODEL = "campplus"
+CALIBRATION_DURATIONS = "full,5,3,2,1,0.5"  # vpmon calibrate's default
 RATE = 8000
 CHUNK_BYTES = 160  # 20 ms of μ-law at 8 kHz, one Twilio media message
 OUTPUT = BENCH / "results" / "takeover.json"
@@ -230,7 +242,11 @@ class Voiceprint:
 
 
 def make_voiceprints(
-    embedder: Embedder, utterances: dict[str, list[Utterance]], draws: int, rng: np.random.Generator
+    embedder: Embedder,
+    utterances: dict[str, list[Utterance]],
+    draws: int,
+    rng: np.random.Generator,
+    vad: VadConfig = VadConfig(),
 ) -> tuple[list[Voiceprint], list[dict[str, Any]]]:
     """Up to ``draws`` voiceprints per speaker: a random order of its utterances, rotated by 1/draws of
     them for each draw, taken from the front until the enrolment policy's net speech is reached (each
@@ -260,7 +276,8 @@ def make_voiceprints(
             enrolment = None
             while enrolment is None:
                 try:
-                    enrolment = enrol(embedder, [Recording(u.path.name, u.samples, RATE) for u in chosen])
+                    recordings = [Recording(u.path.name, u.samples, RATE) for u in chosen]
+                    enrolment = enrol(embedder, recordings, vad=vad)
                 except EnrolmentError as error:
                     problems.append({"speaker": speaker, "draw": draw, "error": str(error)})
                     if error.recording is None or not candidates:
@@ -772,14 +789,18 @@ class Split:
     """One dev-set draw: voiceprints, calls, windows and evidence LLRs, and the policies evaluated."""
 
     def __init__(
-        self, name: str, seed: int, embedder: Embedder, sizes: dict[str, int], gap_noise_db: float = 0.0
+        self,
+        name: str,
+        seed: int,
+        embedder: Embedder,
+        sizes: dict[str, int],
+        calibration: Calibration,
+        gap_noise_db: float = 0.0,
+        enrol_vad: VadConfig = VadConfig(),
     ) -> None:
         self.name = name
         self.seed = seed
         self.embedder = embedder
-        calibration = packaged_calibration(embedder.model_id)
-        if calibration is None:
-            raise SystemExit(f"{embedder.model_id} has no packaged calibration")
         self.calibration = calibration
         self.devdir = devset_dir("telephone", seed)
         SEX.update(speaker_sex(self.devdir))
@@ -789,7 +810,7 @@ class Split:
         self.utterances = load_utterances(self.devdir)
         rng = np.random.default_rng([seed, 20261125])
         self.voiceprints, self.enrolment_problems = make_voiceprints(
-            embedder, self.utterances, sizes["enrolments"], rng
+            embedder, self.utterances, sizes["enrolments"], rng, enrol_vad
         )
         self.plans = plan_calls(
             self.voiceprints,
@@ -1154,7 +1175,43 @@ def describe_split(name: str, d: dict[str, Any]) -> str:
     )
 
 
+def tuning_calibration(embedder: Embedder, seed: int, vad: VadConfig) -> Calibration:
+    """The score calibration fitted on a draw's trial list with this front end, as ``vpmon calibrate``
+    fits the packaged one (enrolment whole, test sides cut to ``CALIBRATION_DURATIONS``)."""
+    trials_file = devset_dir("telephone", seed) / "trials.txt"
+    scored = score_trials(embedder, read_trials(trials_file), parse_durations(CALIBRATION_DURATIONS), vad=vad)
+    return fit_calibration(
+        np.concatenate([r.scores for r in scored]),
+        np.concatenate([r.seconds for r in scored]),
+        np.concatenate([r.labels for r in scored]),
+        trained_on=f"{trials_file.parent.name}/{trials_file.name} at test durations {CALIBRATION_DURATIONS}, "
+        f"narrowband fill {vad.narrowband_fill_dbfs}",
+    )
+
+
+def fill_level(text: str) -> float | None:
+    """``--narrowband-fill``: a level in dBFS, or ``off``."""
+    if text.lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a level in dBFS (e.g. -55) or 'off', got {text!r}") from None
+
+
+def policy_values(text: str) -> tuple[float, float, float]:
+    """``--held-out-policy``: ``LIMIT,ALLOWANCE,ALERT``."""
+    try:
+        limit, allowance, alert = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LIMIT,ALLOWANCE,ALERT (e.g. 3,0,12), got {text!r}"
+        ) from None
+    return limit, allowance, alert
+
+
 def main() -> None:
+    global DEFAULT_VAD, VADS, DEFAULT
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1175,10 +1232,43 @@ def main() -> None:
         default=[],
         help="also sweep VadConfig.level_gate_db at these values (one more audio pass each)",
     )
+    parser.add_argument(
+        "--narrowband-fill",
+        type=fill_level,
+        default=VadConfig().narrowband_fill_dbfs,
+        help="VadConfig.narrowband_fill_dbfs for calls and enrolments: a level in dBFS or 'off' "
+        f"(default {VadConfig().narrowband_fill_dbfs:g})",
+    )
+    parser.add_argument(
+        "--enrol-without-fill",
+        action="store_true",
+        help="enrol the voiceprints without the narrowband fill (made before it existed); calls with it",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=("packaged", "tuning"),
+        default="packaged",
+        help="the model's packaged score calibration, or one fitted on the tuning draw's trials with this "
+        "run's front end (as vpmon calibrate does)",
+    )
+    parser.add_argument(
+        "--held-out-policy",
+        type=policy_values,
+        action="append",
+        default=[],
+        metavar="LIMIT,ALLOWANCE,ALERT",
+        help="also report this decision policy (window_llr_limit, allowance, alert_evidence; the default "
+        "VAD and evidence span) on both splits (+ in the held-out table); repeatable",
+    )
     parser.add_argument("--model", default=MODEL, help=f"speaker model id or alias ({MODEL})")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the JSON results")
+    parser.add_argument("--output", "-o", type=Path, default=OUTPUT, help="where to write the JSON results")
     args = parser.parse_args()
+    # The front end is part of every VAD setting: the sweep's, the default, the enrolments'.
+    DEFAULT_VAD = replace(DEFAULT_VAD, narrowband_fill_dbfs=args.narrowband_fill)
+    VADS = tuple(replace(vad, narrowband_fill_dbfs=args.narrowband_fill) for vad in VADS)
+    DEFAULT = Setting(DEFAULT_VAD, DEFAULT_DECISION)
+    enrol_vad = VadConfig(narrowband_fill_dbfs=None if args.enrol_without_fill else args.narrowband_fill)
     vads = VADS + tuple(replace(DEFAULT_VAD, level_gate_db=gate) for gate in args.level_gate_db)
     sizes = (
         QUICK
@@ -1188,6 +1278,15 @@ def main() -> None:
 
     started = time.perf_counter()
     embedder = Embedder.load(args.model, threads=args.threads)
+    if args.calibration == "tuning":
+        calibration = tuning_calibration(
+            embedder, args.tune_seed, VadConfig(narrowband_fill_dbfs=args.narrowband_fill)
+        )
+    else:
+        packaged = packaged_calibration(embedder.model_id)
+        if packaged is None:
+            raise SystemExit(f"{embedder.model_id} has no packaged calibration: use --calibration tuning")
+        calibration = packaged
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -1202,6 +1301,10 @@ def main() -> None:
                 "holdout_seed": args.holdout_seed,
                 "chunk_bytes": CHUNK_BYTES,
                 "gap_noise_db": args.gap_noise_db,
+                "narrowband_fill_dbfs": args.narrowband_fill,
+                "enrol_without_fill": args.enrol_without_fill,
+                "held_out_policies": args.held_out_policy,
+                "calibration": {"source": args.calibration, **calibration.to_dict()},
                 "takeover_at_seconds": TAKEOVER_AT,
                 "impostor_seconds_at_least": IMPOSTOR_SECONDS,
                 "gaps": {
@@ -1232,7 +1335,7 @@ def main() -> None:
     }
 
     # Tuning split: every setting.
-    tune = Split("tuning", args.tune_seed, embedder, sizes, args.gap_noise_db)
+    tune = Split("tuning", args.tune_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad)
     settings = grid(vads)
     tune.add_windows(tuple(dict.fromkeys(s.vad for s in settings)))
     tune.evaluate(settings)
@@ -1241,10 +1344,15 @@ def main() -> None:
     front = pareto(rows)
 
     # Held-out split: the default and the choice, and the tuning front where its windows are at hand.
-    holdout = Split("held-out", args.holdout_seed, embedder, sizes, args.gap_noise_db)
+    holdout = Split("held-out", args.holdout_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad)
     holdout.add_windows((DEFAULT.vad, chosen.vad))
     shown = [s for s, _ in front if s.vad in holdout.calls]
-    holdout.evaluate([DEFAULT, chosen, *shown])
+    asked = [
+        Setting(DEFAULT_VAD, replace(DEFAULT_DECISION, window_llr_limit=a, allowance=b, alert_evidence=c))
+        for a, b, c in args.held_out_policy
+    ]
+    tune.evaluate(asked)
+    holdout.evaluate([DEFAULT, chosen, *shown, *asked])
 
     rng = np.random.default_rng(0)
     spot = [settings[i] for i in rng.choice(len(settings), 3, replace=False)]
@@ -1316,6 +1424,7 @@ def main() -> None:
     if chosen != DEFAULT:
         held_rows.append(("→ ", chosen, holdout.results[chosen.key()]))
     held_rows += [("  ", s, holdout.results[s.key()]) for s in shown if s not in (DEFAULT, chosen)]
+    held_rows += [("+ ", s, holdout.results[s.key()]) for s in asked if s not in (DEFAULT, chosen, *shown)]
     print_rows(
         f"Held-out split (seed {holdout.seed}): the default, the recommended setting and the tuning front",
         held_rows,

@@ -104,7 +104,8 @@ class VoiceprintService:
 
     def embed(self, upload: Upload) -> SpeechEmbedding:
         audio = self.decode(upload)
-        windows = speech_windows(prepare_speech(audio.samples, audio.sample_rate), self.vad)
+        speech = prepare_speech(audio.samples, audio.sample_rate)
+        windows = speech_windows(speech, self.vad, audio.sample_rate)
         if not windows:
             raise AudioError(f"no speech found in {upload.name}: it is silent, too quiet or too short")
         return embed_windows(self.embedder, windows)

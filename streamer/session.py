@@ -22,6 +22,7 @@ from streamer.protocols.events import AudioChunk, CallStarted
 from streamer.store import Voiceprint
 from verifier.calibration import Calibration
 from verifier.decision import LIVE_VAD, CallDecision, DecisionPolicy, WindowVerdict
+from verifier.enrolment import front_end_difference
 from verifier.pipeline import VadConfig
 from verifier.stream import AgentAudio
 from verifier.vad import SpeechWindow
@@ -135,6 +136,21 @@ class CallSession:
             self.state = CallState.WARMING_UP
             self.site = voiceprint.site
             outputs.append(Output("call", self.describe()))
+            # Another front end's voiceprint is still verified, with a notice (not MODEL_MISMATCH): on
+            # the takeover benchmark, voiceprints enrolled without the narrowband fill, on calls with it,
+            # at the default policy caught as many takeovers with no more false alerts than re-enrolled
+            # ones, but put more genuine windows in SUSPECT (benchmarks/results/takeover-old-voiceprints
+            # .json); re-enrolling gains the fill's accuracy.
+            difference = front_end_difference(voiceprint.quality, self.vad)
+            if difference is not None:
+                outputs.append(
+                    self._notice(
+                        "voiceprint_front_end",
+                        f"agent {agent_id!r}'s voiceprint was made with another front end ({difference}): "
+                        "verifying with it, less accurately; re-enrol the agent or re-embed the tenant's "
+                        "voiceprints (vpmon reembed)",
+                    )
+                )
         # Speech heard before anyone was bound counts for the first agent only (a transfer resets).
         while self._unbound:
             window, embedding = self._unbound.popleft()

@@ -55,7 +55,8 @@ def test_refuses_too_few_trials() -> None:
 
 @pytest.mark.parametrize("model_id", sorted(BUILTIN))
 def test_packaged_calibrations_are_sane(model_id: str) -> None:
-    """Shipped calibrations (fitted on the seed-1 dev set) exist and rise with the amount of speech."""
+    """Shipped calibrations (fitted on the seed-0 telephone dev set, the tuning draw, with the default
+    front end) exist and rise with the amount of speech."""
     calibration = packaged_calibration(model_id)
     assert calibration is not None
     thresholds = [calibration.threshold(d) for d in (0.5, 1.0, 3.0, 10.0)]

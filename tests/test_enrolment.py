@@ -19,7 +19,7 @@ from verifier.enrolment import (
     estimate_snr,
     estimate_snr_db,
 )
-from verifier.pipeline import prepare_speech, speech_windows
+from verifier.pipeline import VadConfig, prepare_speech, speech_windows
 from verifier.scoring import cosine
 
 pytestmark = pytest.mark.devset
@@ -65,8 +65,13 @@ def test_enrolment_of_one_speaker_is_the_speech_weighted_mean_of_its_windows(
     recordings = [recording(telephone_devset, f"{SPEAKER_A}/0{i}.wav") for i in (1, 2, 3, 4)]
     enrolment = enrol(campplus, recordings)
 
-    # Recompute from the pipeline stages by hand: every window of every recording, weighted by speech.
-    windows = [w for r in recordings for w in speech_windows(prepare_speech(r.samples, r.sample_rate))]
+    # Recompute from the pipeline stages by hand: every window of every recording (through the front end
+    # for its sample rate: these are 8 kHz, so filled), weighted by speech.
+    windows = [
+        w
+        for r in recordings
+        for w in speech_windows(prepare_speech(r.samples, r.sample_rate), source_rate=r.sample_rate)
+    ]
     embeddings = campplus.embed_batch([w.samples for w in windows])
     seconds = np.array([w.speech_seconds for w in windows])
     expected = l2_normalise((l2_normalise(embeddings) * seconds[:, None]).sum(axis=0))
@@ -94,6 +99,9 @@ def test_enrolment_of_one_speaker_is_the_speech_weighted_mean_of_its_windows(
     assert quality["min_consistency"] == pytest.approx(min(r.consistency for r in reports), abs=1e-4)
     assert quality["max_clipped_fraction"] == 0.0
     assert quality["net_speech_seconds"] == pytest.approx(enrolment.net_speech_seconds, abs=0.01)
+    # The front end it was made with: telephone recordings, filled at the default level.
+    assert quality["min_sample_rate_hz"] == 8000
+    assert quality["narrowband_fill_dbfs"] == VadConfig().narrowband_fill_dbfs
 
     # The voiceprint knows its speaker: an utterance it has not heard scores higher than someone else's.
     same = campplus.embed_batch([prepare_speech(*_audio(telephone_devset, f"{SPEAKER_A}/09.wav"))])[0]

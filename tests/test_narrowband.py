@@ -1,15 +1,20 @@
 """The narrowband stage on real telephone speech (the dev voices): what it adds, where, and only when."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from verifier.audio import decode_mulaw, encode_mulaw, read_audio, resample, to_pcm16
+from verifier.decision import LIVE_VAD
 from verifier.embedder import Embedder
+from verifier.enrolment import EnrolmentPolicy, Recording, enrol
 from verifier.features import kaldi_fbank
 from verifier.models.registry import CAMPPLUS
 from verifier.narrowband import EMPTY_BAND_HZ, FILL_LEVEL_DBFS, band_noise, fill_windows, is_narrowband
-from verifier.pipeline import load_speech, speech_windows
+from verifier.pipeline import VadConfig, load_speech, load_windows, prepare_speech, speech_windows
+from verifier.stream import AgentAudio, Encoding
 from verifier.vad import SpeechWindow
 
 RATE = 16000
@@ -87,3 +92,56 @@ def test_too_short_for_the_band_gives_no_noise() -> None:
 def test_a_rate_must_be_positive() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         is_narrowband(0)
+
+
+# --- wired in: every path that makes windows to embed -----------------------------------------------
+def same_windows(got: list[SpeechWindow], expected: list[SpeechWindow]) -> bool:
+    return [(w.start, w.end) for w in got] == [(w.start, w.end) for w in expected] and all(
+        np.array_equal(a.samples, b.samples) for a, b in zip(got, expected, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def phone_recording(telephone_devset: Path) -> Path:
+    return sorted((telephone_devset / "wav" / "tuxpaint_fr").glob("*.wav"))[0]
+
+
+def test_files_are_filled_after_the_vad_at_their_own_rate(phone_recording: Path) -> None:
+    vad_only = speech_windows(load_speech(phone_recording))
+    assert same_windows(load_windows(phone_recording), fill_windows(vad_only, 8000))
+    assert same_windows(load_windows(phone_recording, VadConfig(narrowband_fill_dbfs=None)), vad_only)
+    # The same recording arriving at 16 kHz is wideband by its rate: left as the VAD cut it.
+    audio = read_audio(phone_recording)
+    wide = prepare_speech(resample(audio.samples, 8000, RATE), RATE)
+    assert same_windows(speech_windows(wide, VadConfig(), RATE), speech_windows(wide))
+
+
+def test_live_calls_fill_a_narrowband_line_only(phone_recording: Path) -> None:
+    samples = read_audio(phone_recording).samples
+
+    def stream(encoding: Encoding, rate: int, payload: bytes, fill: float | None) -> list[SpeechWindow]:
+        agent = AgentAudio(encoding, rate, vad=replace(LIVE_VAD, narrowband_fill_dbfs=fill))
+        return [w for i in range(0, len(payload), 320) for w in agent.feed(payload[i : i + 320])] + (
+            agent.flush()
+        )
+
+    mulaw = encode_mulaw(samples)
+    plain = stream("mulaw", 8000, mulaw, None)
+    assert plain
+    assert same_windows(stream("mulaw", 8000, mulaw, FILL_LEVEL_DBFS), fill_windows(plain, 8000))
+    pcm16k = to_pcm16(resample(decode_mulaw(mulaw), 8000, RATE)).tobytes()
+    assert same_windows(stream("pcm16", RATE, pcm16k, FILL_LEVEL_DBFS), stream("pcm16", RATE, pcm16k, None))
+
+
+def test_a_voiceprint_records_the_front_end_it_was_made_with(
+    campplus: Embedder, telephone_devset: Path
+) -> None:
+    audio = read_audio(telephone_devset / "wav" / "tuxpaint_fr" / "04.wav")
+    policy = EnrolmentPolicy(min_net_speech=2.0)
+    narrow = enrol(campplus, [Recording("phone.wav", audio.samples, 8000)], policy).quality()
+    assert narrow["min_sample_rate_hz"] == 8000 and narrow["narrowband_fill_dbfs"] == FILL_LEVEL_DBFS
+    off = VadConfig(narrowband_fill_dbfs=None)
+    unfilled = enrol(campplus, [Recording("phone.wav", audio.samples, 8000)], policy, vad=off).quality()
+    assert "narrowband_fill_dbfs" not in unfilled
+    wide = Recording("wide.wav", resample(audio.samples, 8000, RATE), RATE)
+    assert "narrowband_fill_dbfs" not in enrol(campplus, [wide], policy).quality()

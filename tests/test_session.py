@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from streamer.protocols.events import AudioChunk, CallStarted
 from streamer.session import CallSession, CallState
 from streamer.store import Voiceprint
 from verifier.calibration import packaged_calibration
+from verifier.decision import LIVE_VAD
 from verifier.vad import SpeechWindow
 
 MODEL = "campplus-zh-en-16k"
@@ -114,3 +117,25 @@ def test_only_agent_chunks_are_heard_and_ended_calls_hear_nothing() -> None:
     assert s.audio.seconds_received == 1.0  # 8000 samples at 8 kHz
     s.end("stop")
     assert s.feed(AudioChunk(loud)) == [] and s.describe()["state"] == "ended"
+
+
+def test_a_voiceprint_of_another_front_end_is_verified_with_a_notice() -> None:
+    filled = {"min_sample_rate_hz": 8000.0, "narrowband_fill_dbfs": LIVE_VAD.narrowband_fill_dbfs}
+    wideband = {"min_sample_rate_hz": 16000.0}
+
+    def notices(quality: dict[str, float], **kwargs) -> tuple[list[str], CallSession]:
+        s = session(**kwargs)
+        vp = replace(voiceprint(AGENT), quality=quality)
+        return [o.data["kind"] for o in s.bind("a1", vp) if o.kind == "notice"], s
+
+    # Enrolled before voiceprints recorded their front end: maybe telephone audio without the fill.
+    kinds, s = notices({})
+    assert kinds == ["voiceprint_front_end"] and s.state is CallState.WARMING_UP
+    outputs = [o for i in range(3) for o in s.observe(window(i), near(AGENT))]
+    assert outputs[-1].data["state"] == "verified"
+    # Made with this front end: telephone recordings filled at its level, or wideband ones (never filled).
+    assert notices(filled)[0] == [] and notices(wideband)[0] == []
+    # A gateway running without the fill: the filled voiceprint is the odd one, the old one is not.
+    without = replace(LIVE_VAD, narrowband_fill_dbfs=None)
+    assert notices(filled, vad=without)[0] == ["voiceprint_front_end"]
+    assert notices({}, vad=without)[0] == [] and notices(wideband, vad=without)[0] == []

@@ -17,7 +17,7 @@ over the dev set).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -27,6 +27,7 @@ from verifier.audio import SILENCE_DBFS, TARGET_RATE, LevelStats, describe_level
 from verifier.calibration import packaged_calibration
 from verifier.embedder import Embedder
 from verifier.errors import AudioError, CalibrationError
+from verifier.narrowband import is_narrowband
 from verifier.pipeline import VadConfig, combine_embeddings, embed_windows, prepare_speech, speech_windows
 from verifier.scoring import Decision, Scorer, Verdict
 from verifier.vad import SpeechWindow
@@ -133,9 +134,14 @@ class Enrolment:
     windows: int
     model_id: str
     recordings: tuple[RecordingReport, ...]
+    # The front end: the lowest sample rate among the recordings, and the narrowband fill its
+    # narrowband recordings got (None: none was filled, being wideband or with the fill off).
+    min_sample_rate: int
+    narrowband_fill_dbfs: float | None
 
     def quality(self) -> dict[str, float]:
-        """A small flat summary to store with the voiceprint: the worst recording on each figure."""
+        """A small flat summary to store with the voiceprint: the worst recording on each figure, and the
+        front end it was made with (``frontend_of`` reads it back)."""
         reports = self.recordings
         summary = {
             "net_speech_seconds": round(self.net_speech_seconds, 2),
@@ -143,11 +149,40 @@ class Enrolment:
             "min_snr_db": round(float(min(r.snr_db for r in reports)), 1),
             "min_level_dbfs": round(float(min(r.level_dbfs for r in reports)), 1),
             "max_clipped_fraction": round(float(max(r.clipped_fraction for r in reports)), 5),
+            "min_sample_rate_hz": self.min_sample_rate,
         }
+        if self.narrowband_fill_dbfs is not None:
+            summary["narrowband_fill_dbfs"] = self.narrowband_fill_dbfs
         consistency = [r.consistency for r in reports if r.consistency is not None]
         if consistency:
             summary["min_consistency"] = round(float(min(consistency)), 4)
         return summary
+
+
+def front_end_difference(quality: Mapping[str, float], vad: VadConfig) -> str | None:
+    """How the front end a voiceprint was made with (its stored ``Enrolment.quality()``) differs from the
+    one ``vad`` applies now, in words; None when its windows went through the same one. Only telephone
+    (narrowband) recordings are concerned: wideband ones are never filled."""
+
+    def fill(level: float | None) -> str:
+        return "off" if level is None else f"{level:g} dBFS"
+
+    if "min_sample_rate_hz" not in quality:  # enrolled before the front end was recorded
+        if vad.narrowband_fill_dbfs is None:
+            return None
+        return (
+            "it was enrolled before voiceprints recorded their front end: telephone recordings were then "
+            f"embedded without the narrowband fill, which is now {fill(vad.narrowband_fill_dbfs)}"
+        )
+    if not is_narrowband(int(quality["min_sample_rate_hz"])):
+        return None
+    made = quality.get("narrowband_fill_dbfs")
+    if made == vad.narrowband_fill_dbfs:
+        return None
+    return (
+        f"its telephone recordings were embedded with the narrowband fill {fill(made)}, which is now "
+        f"{fill(vad.narrowband_fill_dbfs)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- SNR
@@ -319,7 +354,7 @@ def check_recording(
             limit=policy.min_snr_db,
         )
 
-    windows = tuple(speech_windows(speech, vad))
+    windows = tuple(speech_windows(speech, vad, recording.sample_rate))
     checked = CheckedRecording(name, windows, level, snr)
     if not windows:
         raise EnrolmentError(
@@ -485,4 +520,8 @@ def enrol(
         windows=embedded.windows,
         model_id=embedder.model_id,
         recordings=reports,
+        min_sample_rate=min(r.sample_rate for r in recordings),
+        narrowband_fill_dbfs=(
+            vad.narrowband_fill_dbfs if any(is_narrowband(r.sample_rate) for r in recordings) else None
+        ),
     )

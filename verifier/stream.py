@@ -2,7 +2,8 @@
 
     payload bytes ─▶ decode (μ-law / A-law / PCM16) ─▶ agent channel ─▶ resample to 16 kHz (soxr, streaming)
                   ─▶ level (running active-speech level, as ``audio.normalise_level`` does for files)
-                  ─▶ VAD segmenter ─▶ SpeechWindow (0.5–3 s; start/end on the call's agent-audio clock)
+                  ─▶ VAD segmenter ─▶ SNR gate ─▶ narrowband fill (≤ 8 kHz lines; ``pipeline.front_end``)
+                  ─▶ SpeechWindow (0.5–3 s; start/end on the call's agent-audio clock)
 
 The gateway feeds each ``AudioChunk`` here as it arrives; the windows go to the embedder off the event
 loop. Offline tools (``benchmarks/takeover.py``) feed whole files through the same object, so live and
@@ -25,7 +26,7 @@ from verifier.audio import (
     decode_pcm16,
 )
 from verifier.errors import AudioError
-from verifier.pipeline import SAMPLE_RATE, VadConfig
+from verifier.pipeline import SAMPLE_RATE, VadConfig, front_end
 from verifier.vad import SpeechWindow, VadSegmenter
 
 Encoding = Literal["mulaw", "alaw", "pcm16"]
@@ -229,9 +230,7 @@ class AgentAudio:
         if blocks:  # an integer number of input samples is the same number of 3 s blocks at 16 kHz
             skipped = blocks * _GAP_BLOCK_SECONDS * SAMPLE_RATE
             self._level.skip_silence(skipped)
-            windows += [
-                w for w in map(self._measure, self._segmenter.skip_silence(skipped)) if self._clear_enough(w)
-            ]
+            windows += self._finish(self._segmenter.skip_silence(skipped))
         return windows
 
     def flush(self) -> list[SpeechWindow]:
@@ -241,7 +240,14 @@ class AgentAudio:
         windows = self._segmenter.feed(self._level.process(samples16k)) if len(samples16k) else []
         if final:
             windows += self._segmenter.flush()
-        return [w for w in map(self._measure, windows) if self._clear_enough(w)]
+        return self._finish(windows)
+
+    def _finish(self, windows: list[SpeechWindow]) -> list[SpeechWindow]:
+        """The VAD's windows → those to embed: measured, gated on SNR, then the front end (the fill comes
+        after the gate, which measures the line as it came), at the stream's own sample rate."""
+        return front_end(
+            [w for w in map(self._measure, windows) if self._clear_enough(w)], self.sample_rate, self.vad
+        )
 
     def _measure(self, window: SpeechWindow) -> SpeechWindow:
         floor = self._level.noise_floor_dbfs

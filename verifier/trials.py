@@ -22,8 +22,7 @@ from verifier.pipeline import (
     SpeechEmbedding,
     VadConfig,
     embed_windows,
-    load_speech,
-    speech_windows,
+    load_windows,
     truncate_speech,
 )
 from verifier.scoring import cosine
@@ -112,7 +111,7 @@ def embed_recordings(
     """Every recording at every duration, reading and segmenting each file once."""
     out: dict[tuple[Path, float | None], SpeechEmbedding] = {}
     for path in paths:
-        windows = speech_windows(load_speech(path), vad)
+        windows = load_windows(path, vad)
         for duration in durations:
             cut = windows if duration is None else truncate_speech(windows, duration, vad.min_window)
             if not cut:
