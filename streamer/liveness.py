@@ -131,6 +131,7 @@ class GatewayLease:
                 await self.sweep(now)
             except REDIS_ERRORS as exc:
                 if self._healthy_since is not None:
-                    log.warning("gateway lease: Redis unavailable (%s)", exc)
+                    # Redis away, or every pooled connection busy for longer than the pool's wait.
+                    log.warning("gateway lease not renewed (%s); trying again", exc)
                 self._healthy_since = None
             await asyncio.sleep(self.lease_seconds / 3)
