@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,9 @@ from streamer.auth import Role
 from streamer.feeds import alerts_key
 from streamer.redis_cluster import LocalCluster, slot_ranges
 from streamer.store import open_store
-from streamer.webhooks import group_name
 from tests.server_fixtures import RunningServer, start_vpmon, stop_vpmon
 from tests.test_gateway import ENROL, alerts_for, native_call, speech, ws_url
-from tests.test_redis_outage import NativeCall, follow_alerts
+from tests.test_redis_outage import NativeCall, assert_webhooks_once, follow_alerts
 from tests.webhook_receiver import Receiver
 from verifier.errors import StoreError
 
@@ -45,14 +43,6 @@ AGENTS = {  # tenant role → (agent id, dev-set speaker)
     "second": [("agent-fr", "tuxpaint_fr")],
     "third": [("agent-nl", "fillets_nl_big")],
 }
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.2)
 
 
 def tenant_per_master() -> dict[str, str]:
@@ -246,23 +236,9 @@ def test_genuine_is_verified_and_the_takeover_alerts_once_on_both_gateways(
 def test_the_webhook_gets_the_alert_exactly_once(deployment: Deployment, seen: dict) -> None:
     """Both gateways run a delivery worker on the same consumer group: one delivery in all."""
     expected = {next(f for f in seen["takeover"] if f["type"] == "alert")["alert_id"]}
-
-    def alert_ids() -> list[str]:
-        return [json.loads(r.body)["data"]["alert_id"] for r in deployment.receiver.on("/hooks")]
-
-    wait_for(lambda: expected <= set(alert_ids()), "the webhook delivery")
-    client = deployment.cluster.client()
-    key, group = alerts_key(deployment.tenants["main"]), group_name(deployment.endpoint)
-
-    def consumed_all() -> bool:
-        newest = client.xrevrange(key, count=1)[0][0].decode()
-        info = next(g for g in client.xinfo_groups(key) if g["name"].decode() == group)
-        return info["last-delivered-id"].decode() == newest and info["pending"] == 0
-
-    wait_for(consumed_all, "the webhook consumer group to finish the stream")
-    client.close()
-    assert Counter(alert_ids()) == dict.fromkeys(expected, 1)
-    assert all(r.verified == "ok" for r in deployment.receiver.on("/hooks"))
+    assert_webhooks_once(
+        deployment.cluster, deployment.receiver, deployment.endpoint, expected, deployment.tenants["main"]
+    )
 
 
 def upload(path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from websockets.asyncio.client import connect
 from streamer.auth import Role
 from streamer.feeds import alerts_key
 from streamer.redis_cluster import LocalCluster
-from streamer.webhooks import group_name
 from tests.cluster_fixtures import start_cluster
 from tests.server_fixtures import RunningServer, start_vpmon, stop_vpmon
 from tests.test_gateway import ENROL, speech, ws_url
@@ -43,6 +41,7 @@ from tests.test_redis_outage import (
     TENANT,
     NativeCall,
     TwilioCall,
+    assert_webhooks_once,
     await_for,
     follow_alerts,
     prepare_tenant,
@@ -50,7 +49,6 @@ from tests.test_redis_outage import (
     scrape,
     spooled_entries,
     verdict_states,
-    wait_for,
 )
 from tests.webhook_receiver import Receiver
 
@@ -142,30 +140,6 @@ def api_statuses(server: RunningServer, keys: dict[str, str]) -> dict[str, tuple
 
 def statuses_of(answers: dict[str, tuple[int, float]]) -> set[int]:
     return {status for status, _ in answers.values()}
-
-
-def assert_delivered_once(
-    cluster: LocalCluster, receiver: Receiver, tenant: str, endpoint: str, expected: set[str]
-) -> None:
-    """tests/test_redis_outage.py's ``assert_webhooks_once``, for any tenant: every expected alert at the
-    receiver, the endpoint's consumer group done with the tenant's whole stream, each id in one request."""
-
-    def alert_ids() -> list[str]:
-        return [json.loads(r.body)["data"]["alert_id"] for r in receiver.on("/hooks")]
-
-    wait_for(lambda: expected <= set(alert_ids()), f"{tenant}'s webhook deliveries of {sorted(expected)}")
-    client = cluster.client()
-    key, group = alerts_key(tenant), group_name(endpoint)
-
-    def consumed_all() -> bool:
-        newest = client.xrevrange(key, count=1)[0][0].decode()
-        info = next(g for g in client.xinfo_groups(key) if g["name"].decode() == group)
-        return info["last-delivered-id"].decode() == newest and info["pending"] == 0
-
-    wait_for(consumed_all, f"{tenant}'s webhook consumer group to finish the stream")
-    client.close()
-    assert Counter(alert_ids()) == dict.fromkeys(expected, 1)
-    assert all(r.verified == "ok" for r in receiver.on("/hooks"))
 
 
 def unexpected_log_lines(log: Path) -> list[str]:
@@ -412,8 +386,8 @@ async def outage_scenario(
     assert calls["a-native-genuine"]["state"] == "ended" and calls["a-native-takeover"]["alerts"] == 1
     for tenant in ("a", "b"):
         await asyncio.to_thread(
-            assert_delivered_once, cluster, receivers[tenant], tenants[tenant], keys[tenant]["endpoint"],
-            set(expected[tenant]),
+            assert_webhooks_once, cluster, receivers[tenant], keys[tenant]["endpoint"], set(expected[tenant]),
+            tenants[tenant],
         )  # fmt: skip
     timeline.mark("every alert delivered once to each tenant's webhook receiver")
 
@@ -513,5 +487,5 @@ async def whole_cluster_down(
     with gateway.client(monitor) as client:
         calls = {c["call_id"]: c for c in client.get("/v1/calls").json()}
     assert calls["whole-genuine"]["state"] == "ended" and calls["whole-takeover"]["alerts"] == 1
-    await asyncio.to_thread(assert_delivered_once, cluster, receiver, TENANT, keys["endpoint"], set(expected))
+    await asyncio.to_thread(assert_webhooks_once, cluster, receiver, keys["endpoint"], set(expected))
     timeline.mark("the alert delivered once to the webhook receiver")

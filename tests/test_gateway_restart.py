@@ -13,11 +13,9 @@ once the dead gateway's lease runs out (streamer/liveness.py) the new gateway en
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -26,7 +24,7 @@ from streamer.liveness import LOST_REASON
 from streamer.redis_server import RedisServer
 from tests.server_fixtures import RunningServer, start_vpmon, stop_vpmon
 from tests.test_gateway import ENROL, alerts_for, speech
-from tests.test_redis_outage import TENANT, NativeCall, TwilioCall, await_for, wait_for
+from tests.test_redis_outage import TENANT, NativeCall, TwilioCall, await_for, calls_feed, wait_for
 
 LEASE_S = 3  # short, so the test does not wait long; the default is 30 s
 
@@ -65,26 +63,7 @@ def calls_by_id(server: RunningServer, key: str) -> dict[str, dict]:
 
 def call_events(server: RunningServer, key: str, call_id: str) -> list[dict]:
     """The call's start/end events on the calls feed's replay."""
-    found = []
-    timeout = httpx.Timeout(5.0, read=2.0)  # the replay is done once nothing comes for a while
-    with (
-        server.client(key) as client,
-        client.stream(
-            "GET", "/v1/calls/stream", headers={"Last-Event-ID": "0-0"}, timeout=timeout
-        ) as response,
-    ):
-        event = ""
-        try:
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line.removeprefix("event: ")
-                elif line.startswith("data: ") and event == "call":
-                    data = json.loads(line.removeprefix("data: "))
-                    if data.get("call_id") == call_id:
-                        found.append(data)
-        except httpx.ReadTimeout:
-            pass
-    return found
+    return [data for event, data in calls_feed(server, key, call_id) if event == "call"]
 
 
 def test_killed_gateway_calls_end_and_a_reconnecting_call_starts_afresh(

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -203,10 +204,9 @@ async def follow_alerts(server: RunningServer, key: str, seen: list[dict]) -> No
             await asyncio.sleep(0.5)
 
 
-def verdict_states(server: RunningServer, key: str, call_id: str) -> list[str]:
-    """The states of a call's verdicts so far, from the verdict feed's replay (for protocols that do not
-    push verdicts to the peer)."""
-    states = []
+def calls_feed(server: RunningServer, key: str, call_id: str) -> list[tuple[str, dict]]:
+    """The call's events (verdicts, starts and ends) as (event, data), from the calls feed's replay."""
+    found = []
     timeout = httpx.Timeout(5.0, read=2.0)  # the replay is done once nothing comes for a while
     with (
         server.client(key) as client,
@@ -215,13 +215,21 @@ def verdict_states(server: RunningServer, key: str, call_id: str) -> list[str]:
         ) as response,
     ):
         assert response.status_code == 200
+        event = ""
         with contextlib.suppress(httpx.ReadTimeout):
             for line in response.iter_lines():
-                if line.startswith("data: "):
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
                     data = json.loads(line.removeprefix("data: "))
-                    if data.get("call_id") == call_id and "state" in data:
-                        states.append(data["state"])
-    return states
+                    if data.get("call_id") == call_id:
+                        found.append((event, data))
+    return found
+
+
+def verdict_states(server: RunningServer, key: str, call_id: str) -> list[str]:
+    """The states of a call's verdicts so far (for protocols that do not push verdicts to the peer)."""
+    return [data["state"] for _, data in calls_feed(server, key, call_id) if "state" in data]
 
 
 def scrape(server: RunningServer, key: str) -> dict[str, float]:
@@ -257,25 +265,25 @@ def spooled_entries(spool_dir: Path, redis_server: RedisServer) -> list[dict]:
 
 
 def assert_webhooks_once(
-    redis_server: RedisServer, receiver: Receiver, endpoint: str, expected: set[str]
+    redis: Any, receiver: Receiver, endpoint: str, expected: set[str], tenant: str = TENANT
 ) -> None:
-    """Every expected alert delivered to the receiver, and the endpoint's consumer group done with the whole
-    stream (nothing pending, nothing unread: no delivery can still come); then each alert id arrived in
-    exactly one request."""
+    """Every expected alert delivered to the receiver, and the endpoint's consumer group done with the
+    tenant's whole stream (nothing pending, nothing unread: no delivery can still come); then each alert id
+    arrived in exactly one request. ``redis``: a RedisServer or a LocalCluster (``client()``)."""
 
     def alert_ids() -> list[str]:
         return [json.loads(r.body)["data"]["alert_id"] for r in receiver.on("/hooks")]
 
-    wait_for(lambda: expected <= set(alert_ids()), f"webhook deliveries of {sorted(expected)}")
-    client = redis_server.client()
-    key, group = alerts_key(TENANT), group_name(endpoint)
+    wait_for(lambda: expected <= set(alert_ids()), f"{tenant}'s webhook deliveries of {sorted(expected)}")
+    client = redis.client()
+    key, group = alerts_key(tenant), group_name(endpoint)
 
     def consumed_all() -> bool:
         newest = client.xrevrange(key, count=1)[0][0].decode()
         info = next(g for g in client.xinfo_groups(key) if g["name"].decode() == group)
         return info["last-delivered-id"].decode() == newest and info["pending"] == 0
 
-    wait_for(consumed_all, "the webhook consumer group to finish the stream")
+    wait_for(consumed_all, f"{tenant}'s webhook consumer group to finish the stream")
     client.close()
     assert Counter(alert_ids()) == dict.fromkeys(expected, 1)
     assert all(r.verified == "ok" for r in receiver.on("/hooks"))
