@@ -47,7 +47,7 @@ from devset import devset_dir  # noqa: E402
 
 from verifier.audio import read_audio  # noqa: E402
 from verifier.calibration import packaged_calibration  # noqa: E402
-from verifier.embedder import Embedder  # noqa: E402
+from verifier.embedder import Embedder, l2_normalise  # noqa: E402
 from verifier.metrics import cllr, detection_errors  # noqa: E402
 from verifier.models.provision import ensure_model  # noqa: E402
 from verifier.narrowband import fill_empty_band, is_narrowband  # noqa: E402
@@ -60,7 +60,14 @@ from verifier.pipeline import (  # noqa: E402
     load_speech,
     load_windows,
 )
-from verifier.trials import Trial, duration_label, read_trials, score_trials  # noqa: E402
+from verifier.trials import (  # noqa: E402
+    Trial,
+    centring_means,
+    duration_label,
+    read_trials,
+    score_trials,
+    speaker_folder,
+)
 from verifier.vad import SpeechWindow  # noqa: E402
 
 DURATIONS: list[float | None] = [None, 3.0, 1.0, 0.5]
@@ -103,33 +110,44 @@ def duration_rows(
     mode: str, embedder: Embedder, trials: list[Trial], held_out: list[Trial], vad: VadConfig
 ) -> list[dict[str, Any]]:
     calibration = packaged_calibration(embedder.model_id)
-    scored = score_trials(embedder, trials, DURATIONS, vad=vad)
-    checked = score_trials(embedder, held_out, DURATIONS, vad=vad) if calibration else [None] * len(scored)
+    scored = score_trials(embedder, trials, DURATIONS, vad=vad, speaker_of=speaker_folder)
+    checked = score_trials(embedder, held_out, DURATIONS, vad=vad, speaker_of=speaker_folder)
     rows = []
     for result, check in zip(scored, checked, strict=True):
-        errors = detection_errors(result.scores, result.labels, p_target=P_TARGET)
-        row: dict[str, Any] = {
-            "mode": mode,
-            "model_id": embedder.model_id,
-            "duration": duration_label(result.duration),
-            "eer": errors.eer,
-            "min_dcf": errors.min_dcf,
-            "targets": errors.targets,
-            "nontargets": errors.nontargets,
-            "mean_net_speech_seconds": float(result.seconds.mean()),
-        }
-        if calibration is not None and check is not None:
-            llr = calibration.llr(check.scores, check.seconds)
-            accept = llr >= 0
-            target = check.labels == 1
-            row["calibration"] = {
-                "trained_on": calibration.trained_on,
-                "checked_on_seed": HELD_OUT_SEED,
-                "cllr": cllr(llr, check.labels),
-                "miss": float(np.mean(~accept[target])),
-                "false_alarm": float(np.mean(accept[~target])),
+        # Raw cosines, and cosines centred on the mean of the draw's other speakers' enrolments (as the
+        # server centres an agent on the tenant's other voiceprints) with the calibration's fit for them.
+        variants = [("raw", result.scores, check.scores, calibration)]
+        if result.centred_scores is not None and check.centred_scores is not None:
+            fit = calibration.centred if calibration is not None else None
+            variants.append(("centred", result.centred_scores, check.centred_scores, fit))
+        for scoring, scores, check_scores, fit in variants:
+            errors = detection_errors(scores, result.labels, p_target=P_TARGET)
+            held = detection_errors(check_scores, check.labels, p_target=P_TARGET)
+            row: dict[str, Any] = {
+                "mode": mode,
+                "model_id": embedder.model_id,
+                "scores": scoring,
+                "duration": duration_label(result.duration),
+                "eer": errors.eer,
+                "min_dcf": errors.min_dcf,
+                "held_out_eer": held.eer,
+                "held_out_min_dcf": held.min_dcf,
+                "targets": errors.targets,
+                "nontargets": errors.nontargets,
+                "mean_net_speech_seconds": float(result.seconds.mean()),
             }
-        rows.append(row)
+            if fit is not None:
+                llr = fit.llr(check_scores, check.seconds)
+                accept = llr >= 0
+                target = check.labels == 1
+                row["calibration"] = {
+                    "trained_on": fit.trained_on,
+                    "checked_on_seed": HELD_OUT_SEED,
+                    "cllr": cllr(llr, check.labels),
+                    "miss": float(np.mean(~accept[target])),
+                    "false_alarm": float(np.mean(accept[~target])),
+                }
+            rows.append(row)
     return rows
 
 
@@ -211,6 +229,12 @@ def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool, vad: 
             embedded["average", k].append(combine_embeddings(per_window[:k], seconds))
             again = per_window[0] if k == 1 else embedder.embed_batch([np.concatenate(call.windows[:k])])[0]
             embedded["concatenate", k].append(again)
+    # Centred: each enrolment on the mean of the other speakers' enrolments, as the server centres.
+    unit_enrolled = l2_normalise(enrolled)
+    by_path = {str(p): v for p, v in zip(enrolments, unit_enrolled, strict=True)}
+    means = centring_means(spec.id, by_path, speaker_folder)
+    mean_rows = np.stack([means[str(p)] for p in enrolments])
+    centred_enrolled = l2_normalise(unit_enrolled - mean_rows)
     rows = []
     for k in KS:
         row: dict[str, Any] = {"model_id": spec.id, "k": k, "seconds": k * WINDOW_SECONDS}
@@ -218,6 +242,11 @@ def accumulation_rows(model: str, threads: int, devdir: Path, quick: bool, vad: 
             scores = (enrolled @ np.stack(embedded[combine, k]).T)[valid]  # all L2-normalised: cosines
             errors = detection_errors(scores, labels, p_target=P_TARGET)
             row[combine] = {"eer": errors.eer, "min_dcf": errors.min_dcf}
+        tests = l2_normalise(np.stack(embedded["average", k]))
+        centred_tests = l2_normalise(tests[None, :, :] - mean_rows[:, None, :])  # per enrolment's mean
+        centred = np.einsum("ed,ecd->ec", centred_enrolled, centred_tests)
+        errors = detection_errors(centred[valid], labels, p_target=P_TARGET)
+        row["average, centred"] = {"eer": errors.eer, "min_dcf": errors.min_dcf}
         rows.append(row)
     return {
         "model_id": spec.id,
@@ -287,14 +316,20 @@ def percent(value: float) -> str:
 
 def print_durations(rows: list[dict[str, Any]]) -> None:
     table = Table(
-        title=f"EER % / minDCF(p={P_TARGET:g}), enrolment full, test side cut to net speech (seed 0)"
+        title=f"EER % / minDCF(p={P_TARGET:g}), enrolment full, test side cut to net speech: seed 0 | "
+        f"held-out seed {HELD_OUT_SEED}"
     )
-    for column in ("mode", "model", *(duration_label(d) for d in DURATIONS), "targets / non-targets"):
+    columns = ("mode", "model", "scores", *(duration_label(d) for d in DURATIONS), "targets / non-targets")
+    for column in columns:
         table.add_column(column, justify="right")
-    for mode, model in dict.fromkeys((r["mode"], r["model_id"]) for r in rows):
-        mine = [r for r in rows if r["mode"] == mode and r["model_id"] == model]
-        cells = [f"{percent(r['eer'])} / {r['min_dcf']:.3f}" for r in mine]
-        table.add_row(mode, model, *cells, f"{mine[0]['targets']} / {mine[0]['nontargets']}")
+    for mode, model, scoring in dict.fromkeys((r["mode"], r["model_id"], r["scores"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["model_id"], r["scores"]) == (mode, model, scoring)]
+        cells = [
+            f"{percent(r['eer'])} / {r['min_dcf']:.3f} | "
+            f"{percent(r['held_out_eer'])} / {r['held_out_min_dcf']:.3f}"
+            for r in mine
+        ]
+        table.add_row(mode, model, scoring, *cells, f"{mine[0]['targets']} / {mine[0]['nontargets']}")
     console.print(table)
 
 
@@ -302,17 +337,16 @@ def print_calibration(rows: list[dict[str, Any]]) -> None:
     calibrated = [r for r in rows if "calibration" in r]
     if not calibrated:
         return
-    trained = calibrated[0]["calibration"]["trained_on"]
-    table = Table(
-        title=f"Packaged calibration (fitted on {trained}) applied to seed {HELD_OUT_SEED}; decision llr >= 0"
-    )
-    for column in ("mode", "model", "test side", "Cllr (bits)", "miss %", "false alarm %"):
+    table = Table(title=f"Packaged calibrations applied to seed {HELD_OUT_SEED}; decision llr >= 0")
+    for column in ("mode", "model", "scores", "test side", "Cllr (bits)", "miss %", "false alarm %"):
         table.add_column(column, justify="right")
     for row in calibrated:
         c = row["calibration"]
         cells = [f"{c['cllr']:.3f}", percent(c["miss"]), percent(c["false_alarm"])]
-        table.add_row(row["mode"], row["model_id"], row["duration"], *cells)
+        table.add_row(row["mode"], row["model_id"], row["scores"], row["duration"], *cells)
     console.print(table)
+    for trained in dict.fromkeys(r["calibration"]["trained_on"] for r in calibrated):
+        console.print(f"fitted on {trained}")
 
 
 def print_accumulation(results: list[dict[str, Any]]) -> None:
@@ -322,11 +356,13 @@ def print_accumulation(results: list[dict[str, Any]]) -> None:
             f"({result['targets']} target / {result['nontargets']} non-target trials, "
             f"{result['calls']} calls, {result['enrolments']} enrolments, {result['speakers']} speakers)"
         )
-        for column in ("k", "speech", "(a) average of window embeddings", "(b) re-embed joined audio"):
+        columns = ("(a) average of window embeddings", "(b) re-embed joined audio", "(a), centred")
+        for column in ("k", "speech", *columns):
             table.add_column(column, justify="right")
         for row in result["rows"]:
             cells = [
-                f"{percent(row[c]['eer'])} / {row[c]['min_dcf']:.3f}" for c in ("average", "concatenate")
+                f"{percent(row[c]['eer'])} / {row[c]['min_dcf']:.3f}"
+                for c in ("average", "concatenate", "average, centred")
             ]
             table.add_row(str(row["k"]), f"{row['seconds']:g} s", *cells)
         console.print(table)
@@ -420,7 +456,9 @@ def main() -> None:
         if campplus is not None:
             start = time.perf_counter()
             default_rows = [
-                r for r in durations if r["mode"] == "telephone" and r["model_id"] == campplus.model_id
+                r
+                for r in durations
+                if r["mode"] == "telephone" and r["model_id"] == campplus.model_id and r["scores"] == "raw"
             ]
             telephone = load_trials(dirs["telephone"], args.quick)
             report["vad"] = vad_rows(campplus, telephone, default_rows, vad)

@@ -94,6 +94,7 @@ from verifier.embedder import Embedder  # noqa: E402
 from verifier.enrolment import DEFAULT_POLICY as ENROLMENT_POLICY  # noqa: E402
 from verifier.enrolment import EnrolmentError, Recording, check_recording, enrol  # noqa: E402
 from verifier.pipeline import VadConfig  # noqa: E402
+from verifier.score_norm import MIN_OTHER_VOICEPRINTS, VoiceprintMean, centre  # noqa: E402
 from verifier.scoring import cosine  # noqa: E402
 from verifier.stream import AgentAudio  # noqa: E402
 from verifier.trials import parse_durations, read_trials, score_trials  # noqa: E402
@@ -239,6 +240,7 @@ class Voiceprint:
     enrolled: frozenset[Path]
     net_speech_seconds: float
     for_calls: tuple[Utterance, ...]  # the speaker's other utterances
+    mean: np.ndarray | None = None  # to centre its scores on (--centring), or None: raw cosines
 
 
 def make_voiceprints(
@@ -310,6 +312,20 @@ def make_voiceprints(
                 )
             )
     return voiceprints, problems
+
+
+def with_means(voiceprints: list[Voiceprint]) -> list[Voiceprint]:
+    """Each voiceprint with the mean of the other speakers' voiceprints, as the server centres an agent's
+    scores on the tenant's other voiceprints (verifier/score_norm.py). Every voiceprint of the speaker is
+    left out: a tenant enrols each agent once, this benchmark twice (``ENROLMENTS``)."""
+    out = []
+    for vp in voiceprints:
+        others = {v.id: v.vector for v in voiceprints if v.speaker != vp.speaker}
+        mean = VoiceprintMean.of("any", others).for_speaker(vp.id, vp.vector)
+        if mean is None:
+            raise SystemExit(f"--centring needs {MIN_OTHER_VOICEPRINTS} other speakers' voiceprints")
+        out.append(replace(vp, mean=mean))
+    return out
 
 
 # --- calls -----------------------------------------------------------------------------------------
@@ -577,7 +593,8 @@ def evidence_llrs(
     policy = replace(DEFAULT_DECISION, evidence_seconds=span)
     out = []
     for call in calls:
-        decision = CallDecision(call.plan.voiceprint.vector, calibration, model_id, policy)
+        vp = call.plan.voiceprint
+        decision = CallDecision(vp.vector, calibration, model_id, policy, vp.mean)
         llrs = [
             decision.observe(e, float(s), float(a), float(b))[0].llr
             for e, s, a, b in zip(call.embeddings, call.speech, call.start, call.end, strict=True)
@@ -588,17 +605,22 @@ def evidence_llrs(
 
 def window_llrs(calls: list[SimCall], calibration: Calibration) -> list[np.ndarray]:
     """Each window's own LLR, as ``CallDecision.observe`` computes it (the CUSUM's input)."""
-    return [
-        np.array(
-            [
-                float(
-                    calibration.llr(cosine(np.asarray(call.plan.voiceprint.vector, np.float32), e), float(s))
-                )
-                for e, s in zip(call.embeddings, call.speech, strict=True)
-            ]
+    out = []
+    for call in calls:
+        mean = call.plan.voiceprint.mean
+        fit = calibration.for_scores(mean is not None)
+        voiceprint = np.asarray(call.plan.voiceprint.vector, np.float32)
+        if mean is not None:
+            voiceprint = centre(voiceprint, mean)
+        out.append(
+            np.array(
+                [
+                    float(fit.llr(cosine(voiceprint, e if mean is None else centre(e, mean)), float(s)))
+                    for e, s in zip(call.embeddings, call.speech, strict=True)
+                ]
+            )
         )
-        for call in calls
-    ]
+    return out
 
 
 STATE_CODE = {State.WARMING_UP: 0, State.VERIFIED: 1, State.SUSPECT: 2, State.MISMATCH: 3}
@@ -611,7 +633,9 @@ def replay(
     """States after each window and the windows that raised alerts, from ``CallDecision``'s own
     transition (``_step``) fed with precomputed evidence and window LLRs: what ``observe`` does after
     scoring."""
-    decision = CallDecision(call.plan.voiceprint.vector, calibration, "replay", policy)
+    decision = CallDecision(
+        call.plan.voiceprint.vector, calibration, "replay", policy, call.plan.voiceprint.mean
+    )
     states: list[int] = []
     alerts: list[int] = []
     for i, (llr, wllr, speech, start) in enumerate(
@@ -628,7 +652,9 @@ def observe_all(
     call: SimCall, policy: DecisionPolicy, calibration: Calibration, model_id: str
 ) -> tuple[list[int], list[int]]:
     """The same through ``CallDecision.observe`` in full, for the cross-check."""
-    decision = CallDecision(call.plan.voiceprint.vector, calibration, model_id, policy)
+    decision = CallDecision(
+        call.plan.voiceprint.vector, calibration, model_id, policy, call.plan.voiceprint.mean
+    )
     states: list[int] = []
     alerts: list[int] = []
     for i, (e, s, a, b) in enumerate(zip(call.embeddings, call.speech, call.start, call.end, strict=True)):
@@ -797,6 +823,7 @@ class Split:
         calibration: Calibration,
         gap_noise_db: float = 0.0,
         enrol_vad: VadConfig = VadConfig(),
+        centring: bool = True,
     ) -> None:
         self.name = name
         self.seed = seed
@@ -812,6 +839,8 @@ class Split:
         self.voiceprints, self.enrolment_problems = make_voiceprints(
             embedder, self.utterances, sizes["enrolments"], rng, enrol_vad
         )
+        if centring:
+            self.voiceprints = with_means(self.voiceprints)
         self.plans = plan_calls(
             self.voiceprints,
             self.utterances,
@@ -1180,13 +1209,20 @@ def tuning_calibration(embedder: Embedder, seed: int, vad: VadConfig) -> Calibra
     fits the packaged one (enrolment whole, test sides cut to ``CALIBRATION_DURATIONS``)."""
     trials_file = devset_dir("telephone", seed) / "trials.txt"
     scored = score_trials(embedder, read_trials(trials_file), parse_durations(CALIBRATION_DURATIONS), vad=vad)
-    return fit_calibration(
-        np.concatenate([r.scores for r in scored]),
-        np.concatenate([r.seconds for r in scored]),
-        np.concatenate([r.labels for r in scored]),
-        trained_on=f"{trials_file.parent.name}/{trials_file.name} at test durations {CALIBRATION_DURATIONS}, "
-        f"narrowband fill {vad.narrowband_fill_dbfs}",
+    seconds = np.concatenate([r.seconds for r in scored])
+    labels = np.concatenate([r.labels for r in scored])
+    trained_on = (
+        f"{trials_file.parent.name}/{trials_file.name} at test durations {CALIBRATION_DURATIONS}, "
+        f"narrowband fill {vad.narrowband_fill_dbfs}"
     )
+    centred = fit_calibration(
+        np.concatenate([r.centred_scores for r in scored]),
+        seconds,
+        labels,
+        trained_on=trained_on + ", centred",
+    )
+    raw = np.concatenate([r.scores for r in scored])
+    return replace(fit_calibration(raw, seconds, labels, trained_on=trained_on), centred=centred)
 
 
 def fill_level(text: str) -> float | None:
@@ -1260,6 +1296,12 @@ def main() -> None:
         help="also report this decision policy (window_llr_limit, allowance, alert_evidence; the default "
         "VAD and evidence span) on both splits (+ in the held-out table); repeatable",
     )
+    parser.add_argument(
+        "--centring",
+        choices=("on", "off"),
+        default="on",
+        help="centre scores on the other speakers' voiceprints, as the server does (default), or raw cosines",
+    )
     parser.add_argument("--model", default=MODEL, help=f"speaker model id or alias ({MODEL})")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--output", "-o", type=Path, default=OUTPUT, help="where to write the JSON results")
@@ -1303,6 +1345,7 @@ def main() -> None:
                 "gap_noise_db": args.gap_noise_db,
                 "narrowband_fill_dbfs": args.narrowband_fill,
                 "enrol_without_fill": args.enrol_without_fill,
+                "centring": args.centring,
                 "held_out_policies": args.held_out_policy,
                 "calibration": {"source": args.calibration, **calibration.to_dict()},
                 "takeover_at_seconds": TAKEOVER_AT,
@@ -1335,7 +1378,10 @@ def main() -> None:
     }
 
     # Tuning split: every setting.
-    tune = Split("tuning", args.tune_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad)
+    centring = args.centring == "on"
+    tune = Split(
+        "tuning", args.tune_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad, centring
+    )
     settings = grid(vads)
     tune.add_windows(tuple(dict.fromkeys(s.vad for s in settings)))
     tune.evaluate(settings)
@@ -1344,7 +1390,9 @@ def main() -> None:
     front = pareto(rows)
 
     # Held-out split: the default and the choice, and the tuning front where its windows are at hand.
-    holdout = Split("held-out", args.holdout_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad)
+    holdout = Split(
+        "held-out", args.holdout_seed, embedder, sizes, calibration, args.gap_noise_db, enrol_vad, centring
+    )
     holdout.add_windows((DEFAULT.vad, chosen.vad))
     shown = [s for s, _ in front if s.vad in holdout.calls]
     asked = [

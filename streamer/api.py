@@ -182,6 +182,10 @@ class VerdictOut(BaseModel):
     net_speech_seconds: float
     model_id: str
     reason: str
+    centred: bool = Field(
+        description="The score is a cosine centred on the mean of the tenant's other voiceprints (from "
+        "eight of them on), calibrated for that; false: a raw cosine."
+    )
 
     @classmethod
     def of(cls, verdict: Verdict) -> VerdictOut:

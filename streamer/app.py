@@ -41,7 +41,6 @@ from streamer.webhooks import WebhookWorker
 from streamer.webhooks_api import router as webhooks_router
 from streamer.whip import WhipSessions
 from streamer.whip import router as whip_router
-from verifier.calibration import Calibration, packaged_calibration
 from verifier.embedder import Embedder
 from verifier.errors import CalibrationError
 from verifier.models import provision
@@ -61,9 +60,7 @@ def redis_client(settings: Settings) -> SyncClient:  # for the CLI
 
 def build_service(settings: Settings, client: SyncClient) -> VoiceprintService:
     embedder = Embedder.load(settings.model, threads=settings.embed_threads)
-    card = provision.read_card(embedder.spec)
-    calibration = Calibration.from_dict(card.calibration) if card and card.calibration else None
-    calibration = calibration or packaged_calibration(embedder.model_id)
+    calibration = provision.run_time_calibration(embedder.spec)
     if calibration is None:
         raise CalibrationError(
             f"model {embedder.model_id} has no calibration: "
@@ -73,7 +70,13 @@ def build_service(settings: Settings, client: SyncClient) -> VoiceprintService:
     store = open_store(client, settings.store_backend, quantization=settings.store_quantization)
     limits = AudioLimits(settings.max_audio_seconds, settings.min_sample_rate, settings.max_sample_rate)
     return VoiceprintService(
-        store, embedder, scorer, AudioArchive(client), TenantSettingsStore(client), limits=limits
+        store,
+        embedder,
+        scorer,
+        AudioArchive(client),
+        TenantSettingsStore(client),
+        limits=limits,
+        centring=settings.score_centring,
     )
 
 

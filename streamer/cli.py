@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +20,7 @@ from streamer.cli_common import JsonOption, err, out, progress_bar, user_errors
 from streamer.cli_demo import demo_app
 from streamer.cli_service import config_app, keys_app, redis_app, service_app, voiceprints_app
 from streamer.cli_stream import stream_app
-from verifier.calibration import Calibration, fit_calibration, packaged_calibration
+from verifier.calibration import fit_calibration
 from verifier.embedder import Embedder
 from verifier.errors import ModelError
 from verifier.metrics import detection_errors
@@ -28,8 +28,9 @@ from verifier.models import provision
 from verifier.models.registry import BUILTIN, DEFAULT_MODEL, get_spec
 from verifier.models.spec import ModelSpec
 from verifier.pipeline import SpeechEmbedding, embed_file
+from verifier.score_norm import MIN_OTHER_VOICEPRINTS
 from verifier.scoring import Scorer
-from verifier.trials import duration_label, parse_durations, read_trials, score_trials
+from verifier.trials import duration_label, parse_durations, read_trials, score_trials, speaker_folder
 
 app = typer.Typer(
     name="vpmon",
@@ -79,9 +80,7 @@ def load_embedder(model: str, threads: int = 1) -> Embedder:
 
 
 def scorer_for(spec: ModelSpec, threshold: float | None, min_speech: float) -> Scorer:
-    card = provision.read_card(spec)
-    calibration = Calibration.from_dict(card.calibration) if card and card.calibration else None
-    calibration = calibration or packaged_calibration(spec.id)
+    calibration = provision.run_time_calibration(spec)
     return Scorer(spec.id, calibration, fixed_threshold=threshold, min_net_speech=min_speech)
 
 
@@ -179,13 +178,14 @@ DurationsOption = Annotated[
 ]
 
 
-def _score(trials_file: Path, model: str, durations: str, threads: int):
+def _score(trials_file: Path, model: str, durations: str, threads: int, speaker_folders: bool = False):
     embedder = load_embedder(model, threads)
     trials = read_trials(trials_file)
     wanted = parse_durations(durations)
     files = len({t.enrol for t in trials}) + len({t.test for t in trials})
+    speaker_of = speaker_folder if speaker_folders else str
     with progress_bar(f"scoring {len(trials)} trials", files) as advance:
-        return embedder, score_trials(embedder, trials, wanted, advance=advance)
+        return embedder, score_trials(embedder, trials, wanted, advance=advance, speaker_of=speaker_of)
 
 
 @app.command()
@@ -242,14 +242,36 @@ def calibrate(
         Path | None, typer.Option("--output", "-o", help="Also write it to a JSON file.")
     ] = None,
     threads: ThreadsOption = 1,
+    speaker_folders: Annotated[
+        bool,
+        typer.Option(
+            help="Enrolment recordings in one folder are one speaker's (SPEAKER/REC.wav): the fit for "
+            "centred scores centres each on the other speakers' mean, as the server centres an agent on "
+            "the other agents' voiceprints. Without it, each recording counts as a speaker of its own."
+        ),
+    ] = False,
 ) -> None:
-    """Fit the duration-aware score calibration on a trials list and store it in the model card."""
-    embedder, scored = _score(trials_file, model, durations, threads)
+    """Fit the duration-aware score calibration on a trials list and store it in the model card: one fit
+    for raw cosines, and one for cosines centred on the other enrolments' mean (from 9 of them)."""
+    embedder, scored = _score(trials_file, model, durations, threads, speaker_folders)
     scores = np.concatenate([r.scores for r in scored])
     seconds = np.concatenate([r.seconds for r in scored])
     labels = np.concatenate([r.labels for r in scored])
     trained_on = f"{trials_file.parent.name}/{trials_file.name} at test durations {durations}"
     calibration = fit_calibration(scores, seconds, labels, trained_on=trained_on)
+    if all(r.centred_scores is not None for r in scored):
+        centred = np.concatenate([r.centred_scores for r in scored])
+        others = "other speakers'" if speaker_folders else "other enrolment recordings'"
+        centred_on = f"{trained_on}, centred on the {others} mean"
+        calibration = replace(
+            calibration, centred=fit_calibration(centred, seconds, labels, trained_on=centred_on)
+        )
+    else:
+        kind = "speakers" if speaker_folders else "recordings"
+        err.print(
+            f"fewer than {MIN_OTHER_VOICEPRINTS + 1} enrolment {kind}: no fit for scores centred on the "
+            "tenant's voiceprints (the server then scores raw cosines)"
+        )
     out.print_json(json.dumps(calibration.to_dict()))
     for duration in (0.5, 1, 3, 10):
         out.print(

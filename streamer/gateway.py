@@ -561,7 +561,8 @@ async def bind(
         voiceprint = await state.run_io(state.service.store.get, session.tenant, agent_id)
     except VpmonError:
         voiceprint = None
-    outputs = session.bind(agent_id, voiceprint, agent_channel)
+    mean = await state.run_io(state.service.centring_mean, voiceprint) if voiceprint is not None else None
+    outputs = session.bind(agent_id, voiceprint, agent_channel, mean)
     await publish(state, call, outputs)
     if in_band and session.state is CallState.NOT_ENROLLED:
         call.protocol.fail(

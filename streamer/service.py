@@ -15,6 +15,7 @@ import numpy as np
 
 from streamer.archive import AudioArchive, TenantSettingsStore
 from streamer.store import SearchHit, Voiceprint, VoiceprintStore, check_speaker, check_tenant
+from streamer.voiceprint_means import TenantMeans
 from verifier.audio import Audio, read_audio_bytes
 from verifier.embedder import Embedder
 from verifier.enrolment import Enrolment, EnrolmentPolicy, Recording, enrol
@@ -79,6 +80,11 @@ class VoiceprintService:
     limits: AudioLimits = field(default_factory=AudioLimits)
     policy: EnrolmentPolicy = field(default_factory=EnrolmentPolicy)
     vad: VadConfig = field(default_factory=VadConfig)
+    centring: bool = True  # centre scores on the tenant's other voiceprints (verifier/score_norm.py)
+    means: TenantMeans = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.means = TenantMeans(self.store)
 
     @property
     def model_id(self) -> str:
@@ -153,6 +159,7 @@ class VoiceprintService:
             audio_retained=retain_audio,
         )
         self.store.put(voiceprint)
+        self.means.forget(tenant)
         retained = 0
         if retain_audio:
             retained = self.archive.replace(tenant, speaker_id, audios)
@@ -171,6 +178,7 @@ class VoiceprintService:
             )
         voiceprint, enrolment = self._rebuild(old)
         self.store.put(voiceprint)
+        self.means.forget(tenant)
         return EnrolResult(voiceprint, enrolment, replaced=True)
 
     def reembed_tenant(self, tenant: str) -> list[Voiceprint]:
@@ -188,6 +196,7 @@ class VoiceprintService:
         rebuilt = [self._rebuild(vp)[0] for vp in old]
         self.store.delete_tenant(tenant)
         self.store.put_many(rebuilt)
+        self.means.forget(tenant)
         return rebuilt
 
     def _rebuild(self, old: Voiceprint) -> tuple[Voiceprint, Enrolment]:
@@ -218,8 +227,17 @@ class VoiceprintService:
         voiceprint = self.get(tenant, speaker_id)
         self._check_model(voiceprint.model_id)
         side = self.embed(upload)
-        verdict = self.scorer.verdict(voiceprint.vector, side.embedding, side.net_speech_seconds)
+        mean = self.centring_mean(voiceprint)
+        verdict = self.scorer.verdict(voiceprint.vector, side.embedding, side.net_speech_seconds, mean)
         return verdict, voiceprint, Side(upload.name, side.net_speech_seconds, side.windows)
+
+    def centring_mean(self, voiceprint: Voiceprint) -> np.ndarray | None:
+        """The mean of the tenant's other voiceprints to centre this one's scores on; None when centring
+        is off, not calibrated for this model, or the tenant has too few other voiceprints."""
+        if not self.centring or not self.scorer.can_centre() or voiceprint.model_id != self.model_id:
+            return None
+        means = self.means.get(voiceprint.tenant, self.model_id)
+        return None if means is None else means.for_speaker(voiceprint.speaker_id, voiceprint.vector)
 
     def compare(self, first: Upload, second: Upload) -> tuple[Verdict, list[Side]]:
         sides = [self.embed(first), self.embed(second)]
@@ -285,6 +303,7 @@ class VoiceprintService:
     def delete(self, tenant: str, speaker_id: str) -> bool:
         """The voiceprint and its retained audio; False if neither existed."""
         deleted = self.store.delete(tenant, speaker_id)
+        self.means.forget(tenant)
         audio_deleted = self.archive.delete(tenant, speaker_id)
         return deleted or audio_deleted
 

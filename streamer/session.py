@@ -103,9 +103,14 @@ class CallSession:
 
     # --- the agent ------------------------------------------------------------------------------
     def bind(
-        self, agent_id: str, voiceprint: Voiceprint | None, agent_channel: int | None = None
+        self,
+        agent_id: str,
+        voiceprint: Voiceprint | None,
+        agent_channel: int | None = None,
+        mean: np.ndarray | None = None,
     ) -> list[Output]:
-        """An agent for this call (first time, or a transfer); ``voiceprint`` None: not enrolled."""
+        """An agent for this call (first time, or a transfer); ``voiceprint`` None: not enrolled.
+        ``mean``: the tenant's other voiceprints' mean to centre scores on (verifier/score_norm.py)."""
         outputs = []
         changed = agent_id != self.agent_id
         self.agent_id = agent_id
@@ -132,7 +137,9 @@ class CallSession:
                 )
             ]
         if changed or self.decision is None:
-            self.decision = CallDecision(voiceprint.vector, self.calibration, self.model_id, self.policy)
+            self.decision = CallDecision(
+                voiceprint.vector, self.calibration, self.model_id, self.policy, mean
+            )
             self.state = CallState.WARMING_UP
             self.site = voiceprint.site
             outputs.append(Output("call", self.describe()))

@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     min_net_speech: float = Field(
         1.0, gt=0, description="Net speech (s) a recording needs before 1:1 verification decides."
     )
+    score_centring: bool = Field(
+        True,
+        description="Centre verification scores on the mean of the tenant's other voiceprints (from 8 of "
+        "them on; README 'Accuracy'). Off: raw cosines.",
+    )
 
     # --- webhooks -----------------------------------------------------------------------------------
     webhook_retry_schedule: list[float] = Field(

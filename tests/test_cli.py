@@ -12,6 +12,8 @@ import pytest
 import soundfile as sf
 from devset import demo_pair
 
+from verifier.calibration import Calibration
+
 VPMON = Path(sys.executable).parent / "vpmon"
 
 
@@ -112,6 +114,18 @@ def test_score_and_calibrate_a_small_trials_list(telephone_devset: Path, tmp_pat
         assert result.returncode == 0, result.stderr
         fitted = json.loads(output.read_text())
         assert fitted["scale"] > 0 and fitted["min_seconds"] <= 1.01
+        # 33 enrolment recordings: scores centred on the others' mean get a fit of their own.
+        assert fitted["centred"]["scale"] > 0 and "centred" in fitted["centred"]["trained_on"]
+        assert Calibration.from_dict(fitted).centred is not None
+
+        # Three enrolment recordings are too few to centre on: the raw fit only, and a message says so.
+        enrols = sorted({line.split()[1] for line in lines})[:3]
+        few = [line for line in lines if line.split()[1] in enrols]
+        trials.write_text("\n".join(few) + "\n")
+        result = vpmon("calibrate", trials, "--durations", "full", "--no-save", "--output", output)
+        assert result.returncode == 0, result.stderr
+        assert "no fit for scores centred" in result.stderr
+        assert "centred" not in json.loads(output.read_text())
     finally:
         trials.unlink()
 

@@ -138,11 +138,29 @@ def run(decision: CallDecision, embeddings: np.ndarray, seconds: np.ndarray, t0:
     return verdicts, alerts, t
 
 
-def test_genuine_call_then_takeover_raises_exactly_one_alert(real_windows: dict[str, np.ndarray]) -> None:
+@pytest.fixture(scope="module")
+def others_mean(campplus: Embedder, telephone_devset: Path) -> np.ndarray:
+    """The mean of eight other speakers' voiceprints (neither the agent's nor the impostor's), as the
+    server centres an agent's scores on the tenant's other voiceprints."""
+    voiceprints = []
+    for speaker in ("tuxpaint_fr", "tuxpaint_ru", "tuxpaint_bg", "tuxpaint_es", "tuxpaint_be",
+                    "tuxpaint_el", "fillets_cs_big", "warzone_narrator"):  # fmt: skip
+        windows = windows_of(
+            AgentAudio("mulaw", 8000), encode_mulaw(speaker_audio(telephone_devset, speaker, 4)), 160
+        )
+        voiceprints.append(unit(campplus.embed_batch([w.samples for w in windows]).mean(axis=0)))
+    return np.mean(voiceprints, axis=0)
+
+
+@pytest.mark.parametrize("centred", [False, True], ids=["raw cosines", "centred on other voiceprints"])
+def test_genuine_call_then_takeover_raises_exactly_one_alert(
+    real_windows: dict[str, np.ndarray], others_mean: np.ndarray, centred: bool
+) -> None:
     agent, agent_s = real_windows["agent"], real_windows["agent_seconds"]
     enrol_count = len(agent) // 2
     voiceprint = unit((agent[:enrol_count] * agent_s[:enrol_count, None]).sum(axis=0))
-    decision = CallDecision(voiceprint, packaged_calibration(MODEL), MODEL, DecisionPolicy())
+    mean = others_mean if centred else None
+    decision = CallDecision(voiceprint, packaged_calibration(MODEL), MODEL, DecisionPolicy(), mean)
 
     genuine, alerts, t = run(decision, agent[enrol_count:], agent_s[enrol_count:])
     assert alerts == []
@@ -152,6 +170,7 @@ def test_genuine_call_then_takeover_raises_exactly_one_alert(real_windows: dict[
     )
     assert genuine[-1].state is State.VERIFIED
     assert all(v.model_id == MODEL and v.media_end >= v.media_start for v in genuine)
+    assert all(v.centred is centred and v.to_dict()["centred"] is centred for v in genuine)
 
     taken, alerts, _ = run(decision, real_windows["impostor"], real_windows["impostor_seconds"], t)
     assert len(alerts) == 1, [v.state for v in taken]

@@ -34,6 +34,9 @@ class Calibration:
     max_seconds: float
     p_target: float = 0.5
     trained_on: str = ""
+    # The same fit for cosines centred on the tenant's voiceprint mean (verifier/score_norm.py), which
+    # are distributed differently; None: this calibration cannot score centred cosines.
+    centred: Calibration | None = None
 
     def _log_seconds(self, seconds):
         return np.log(np.clip(seconds, self.min_seconds, self.max_seconds))
@@ -51,13 +54,29 @@ class Calibration:
         return (llr_threshold - self.offset - self.offset_per_log_seconds * log_d) / slope
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["centred"]  # None is left out, as calibrations were written before centring
+        if self.centred is not None:
+            data["centred"] = self.centred.to_dict()
+        return data
+
+    def for_scores(self, centred: bool) -> Calibration:
+        """The fit for raw cosines, or for centred ones (which this calibration must have)."""
+        if not centred:
+            return self
+        if self.centred is None:
+            raise CalibrationError(
+                f"this calibration ({self.trained_on or 'no source'}) has no fit for centred scores: "
+                "run `vpmon calibrate TRIALS`"
+            )
+        return self.centred
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         try:
-            return cls(**data)
-        except TypeError as exc:
+            centred = data.get("centred")
+            return cls(**{**data, "centred": cls.from_dict(centred) if centred is not None else None})
+        except (TypeError, AttributeError) as exc:
             raise CalibrationError(f"calibration data is not in the expected form: {exc}") from None
 
 

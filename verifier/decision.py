@@ -38,6 +38,7 @@ import numpy as np
 
 from verifier.calibration import Calibration
 from verifier.pipeline import VadConfig, combine_embeddings
+from verifier.score_norm import centre
 from verifier.scoring import cosine
 
 # Live calls skip windows less than 4 dB above the line's noise floor (line noise the VAD took for speech
@@ -98,6 +99,7 @@ class WindowVerdict:
     window_llr: float  # the newest window alone, calibrated for its speech
     impostor_evidence: float  # the CUSUM of window LLRs against the agent (alert at alert_evidence)
     model_id: str
+    centred: bool = False  # scores are cosines centred on the tenant's other voiceprints
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -112,6 +114,7 @@ class WindowVerdict:
             "window_llr": round(self.window_llr, 3),
             "impostor_evidence": round(self.impostor_evidence, 3),
             "model_id": self.model_id,
+            "centred": self.centred,
         }
 
 
@@ -155,10 +158,20 @@ class CallDecision:
     """The verdicts of one call against one agent's voiceprint. A transfer makes a new one."""
 
     def __init__(
-        self, voiceprint: np.ndarray, calibration: Calibration, model_id: str, policy: DecisionPolicy
+        self,
+        voiceprint: np.ndarray,
+        calibration: Calibration,
+        model_id: str,
+        policy: DecisionPolicy,
+        mean: np.ndarray | None = None,
     ) -> None:
-        self.voiceprint = np.asarray(voiceprint, dtype=np.float32)
-        self.calibration = calibration
+        """``mean``: score in the space centred on the tenant's other voiceprints (verifier/score_norm.py),
+        with the calibration's fit for centred scores; fixed for the call, so its evidence stays
+        comparable from window to window."""
+        self.mean = mean
+        self.centred = mean is not None
+        self.voiceprint = self._centred(np.asarray(voiceprint, dtype=np.float32))
+        self.calibration = calibration.for_scores(self.centred)
         self.model_id = model_id
         self.policy = policy
         self.evidence = Evidence(policy.evidence_seconds)
@@ -175,9 +188,9 @@ class CallDecision:
         self.evidence.add(embedding, speech_seconds, start, end)
         self._speech_total += speech_seconds
         net = self.evidence.net_speech
-        score = cosine(self.voiceprint, self.evidence.combined())
+        score = cosine(self.voiceprint, self._centred(self.evidence.combined()))
         llr = float(self.calibration.llr(score, net))
-        window_score = cosine(self.voiceprint, embedding)
+        window_score = cosine(self.voiceprint, self._centred(embedding))
         window_llr = float(self.calibration.llr(window_score, speech_seconds))
         alert = self._step(llr, window_llr, start)
         media_start, media_end = self.evidence.span
@@ -193,8 +206,12 @@ class CallDecision:
             window_llr=window_llr,
             impostor_evidence=self.impostor_evidence,
             model_id=self.model_id,
+            centred=self.centred,
         )
         return verdict, (Alert(verdict, alert) if alert is not None else None)
+
+    def _centred(self, vector: np.ndarray) -> np.ndarray:
+        return vector if self.mean is None else centre(vector, self.mean)
 
     def _step(self, llr: float, window_llr: float, window_start: float) -> float | None:
         """One transition on the evidence LLR and the newest window's LLR (``_speech_total`` already

@@ -9,6 +9,7 @@ import numpy as np
 
 from verifier.calibration import Calibration
 from verifier.errors import CalibrationError
+from verifier.score_norm import centre
 
 
 class Decision(StrEnum):
@@ -26,6 +27,7 @@ class Verdict:
     net_speech_seconds: float
     model_id: str
     reason: str = ""
+    centred: bool = False  # the cosine was taken after centring on the tenant's voiceprints
 
     def to_dict(self) -> dict:
         """JSON-ready, rounded to what the numbers can honestly claim."""
@@ -64,20 +66,41 @@ class Scorer:
                 f"model {self.model_id} has no calibration: run `vpmon calibrate TRIALS` or pass a threshold"
             )
 
-    def threshold(self, net_speech_seconds: float) -> float:
+    def threshold(self, net_speech_seconds: float, centred: bool = False) -> float:
         if self.fixed_threshold is not None:
             return self.fixed_threshold
         assert self.calibration is not None
-        return float(self.calibration.threshold(net_speech_seconds, self.llr_threshold))
+        calibration = self.calibration.for_scores(centred)
+        return float(calibration.threshold(net_speech_seconds, self.llr_threshold))
 
-    def verdict(self, voiceprint: np.ndarray, embedding: np.ndarray, net_speech_seconds: float) -> Verdict:
+    def can_centre(self) -> bool:
+        """Whether scores may be centred on a tenant's voiceprint mean (a fit for them is calibrated)."""
+        return (
+            self.fixed_threshold is None
+            and self.calibration is not None
+            and self.calibration.centred is not None
+        )
+
+    def verdict(
+        self,
+        voiceprint: np.ndarray,
+        embedding: np.ndarray,
+        net_speech_seconds: float,
+        mean: np.ndarray | None = None,
+    ) -> Verdict:
+        """``mean``: centre both sides on it first (verifier/score_norm.py); the calibration must have a
+        fit for centred scores (``can_centre``)."""
+        centred = mean is not None
+        if centred:
+            voiceprint, embedding = centre(voiceprint, mean), centre(embedding, mean)
         score = cosine(voiceprint, embedding)
-        threshold = self.threshold(net_speech_seconds)
-        llr = float(self.calibration.llr(score, net_speech_seconds)) if self.calibration else None
+        threshold = self.threshold(net_speech_seconds, centred)
+        calibration = self.calibration.for_scores(centred) if self.calibration else None
+        llr = float(calibration.llr(score, net_speech_seconds)) if calibration else None
         if net_speech_seconds < self.min_net_speech:
             decision = Decision.UNKNOWN
             reason = f"only {net_speech_seconds:.2f} s of speech; {self.min_net_speech:.2f} s needed"
         else:
             decision = Decision.MATCH if score >= threshold else Decision.MISMATCH
             reason = ""
-        return Verdict(decision, score, threshold, llr, net_speech_seconds, self.model_id, reason)
+        return Verdict(decision, score, threshold, llr, net_speech_seconds, self.model_id, reason, centred)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verifier.embedder import Embedder
+from verifier.embedder import Embedder, l2_normalise
 from verifier.errors import AudioError, CalibrationError
 from verifier.pipeline import (
     Combine,
@@ -25,10 +25,17 @@ from verifier.pipeline import (
     load_windows,
     truncate_speech,
 )
+from verifier.score_norm import VoiceprintMean, centre
 from verifier.scoring import cosine
 
 FULL = None  # a duration of None means "the whole test recording"
 Advance = Callable[[int], None]
+SpeakerOf = Callable[[str], str]
+
+
+def speaker_folder(path: str) -> str:
+    """The speaker of ``…/<speaker>/<recording>.wav`` (the dev set's and VoxCeleb's layout)."""
+    return Path(path).parent.name
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class ScoredTrials:
     scores: np.ndarray
     labels: np.ndarray
     seconds: np.ndarray  # net speech of the test side
+    # Cosines centred on the mean of the *other* enrolment recordings (verifier/score_norm.py), as the
+    # live monitor centres on the tenant's other voiceprints; None with too few enrolment recordings.
+    centred_scores: np.ndarray | None = None
 
 
 def read_trials(path: Path) -> list[Trial]:
@@ -130,18 +140,50 @@ def score_trials(
     vad: VadConfig = VadConfig(),
     combine: Combine = "average",
     advance: Advance | None = None,
+    speaker_of: SpeakerOf = str,
 ) -> list[ScoredTrials]:
-    """Cosine scores of every trial at every test duration (enrolment always whole)."""
+    """Cosine scores of every trial at every test duration (enrolment always whole). ``speaker_of``
+    names an enrolment recording's speaker, so that centring leaves all of them out (by default each
+    recording is a speaker of its own)."""
     enrol_paths = sorted({t.enrol for t in trials})
     test_paths = sorted({t.test for t in trials})
     enrolled = embed_recordings(embedder, enrol_paths, [FULL], vad=vad, combine=combine, advance=advance)
     tested = embed_recordings(embedder, test_paths, durations, vad=vad, combine=combine, advance=advance)
+    enrolments = {str(p): l2_normalise(enrolled[p, FULL].embedding) for p in enrol_paths}
+    means = centring_means(embedder.model_id, enrolments, speaker_of)
     results = []
     labels = np.array([t.target for t in trials], dtype=np.int64)
     for duration in durations:
         scores = np.array(
             [cosine(enrolled[t.enrol, FULL].embedding, tested[t.test, duration].embedding) for t in trials]
         )
+        centred = None
+        if all(mean is not None for mean in means.values()):
+            centred = np.array(
+                [
+                    cosine(
+                        centre(enrolments[str(t.enrol)], means[str(t.enrol)]),
+                        centre(l2_normalise(tested[t.test, duration].embedding), means[str(t.enrol)]),
+                    )
+                    for t in trials
+                ]
+            )
         seconds = np.array([tested[t.test, duration].net_speech_seconds for t in trials])
-        results.append(ScoredTrials(duration, scores, labels, seconds))
+        results.append(ScoredTrials(duration, scores, labels, seconds, centred))
     return results
+
+
+def centring_means(
+    model_id: str, enrolments: dict[str, np.ndarray], speaker_of: SpeakerOf = str
+) -> dict[str, np.ndarray | None]:
+    """For each enrolment recording, the mean of the other speakers' enrolments to centre its trials
+    on, as the server centres an agent on the tenant's other voiceprints (None: too few of them)."""
+    speakers: dict[str, dict[str, np.ndarray]] = {}
+    for path, vector in enrolments.items():
+        speakers.setdefault(speaker_of(path), {})[path] = vector
+    means = {}
+    for speaker, own in speakers.items():
+        others = {p: v for p, v in enrolments.items() if p not in own}
+        mean = VoiceprintMean.of(model_id, others).for_speaker(speaker, next(iter(own.values())))
+        means.update(dict.fromkeys(own, mean))
+    return means

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -231,6 +231,25 @@ def read_card(spec: ModelSpec, home: Path | None = None) -> ModelCard | None:
         return ModelCard(**json.loads(card_file.read_text()))
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{card_file} is damaged ({exc}); delete it and run `vpmon models fetch`") from None
+
+
+def run_time_calibration(spec: ModelSpec, home: Path | None = None) -> Calibration | None:
+    """The calibration a server or the CLI scores with: the card's (fitted by ``vpmon calibrate`` or
+    copied from the package at provisioning), else the packaged one. A card provisioned before the
+    packaged calibration gained its fit for centred scores takes that fit from the package, when the
+    card's own fit is the packaged one (the same training list and coefficients)."""
+    card = read_card(spec, home)
+    packaged = packaged_calibration(spec.id)
+    if card is None or not card.calibration:
+        return packaged
+    calibration = Calibration.from_dict(card.calibration)
+    if (
+        calibration.centred is None
+        and packaged is not None
+        and replace(packaged, centred=None) == calibration
+    ):
+        return packaged
+    return calibration
 
 
 def write_calibration(spec: ModelSpec, calibration: Calibration, home: Path | None = None) -> Path:
