@@ -74,7 +74,7 @@ from accuracy import build_calls, utterances_by_speaker  # noqa: E402
 from common import environment  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
-from verifier.audio import decode_mulaw, encode_mulaw, read_audio, resample  # noqa: E402
+from verifier.audio import decode_mulaw, encode_mulaw, normalise_level, read_audio, resample  # noqa: E402
 from verifier.calibration import fit_calibration, packaged_calibration  # noqa: E402
 from verifier.embedder import Embedder, l2_normalise  # noqa: E402
 from verifier.metrics import cllr, detection_errors  # noqa: E402
@@ -149,6 +149,34 @@ def spectral_subtraction(
     return out[frame : frame + len(samples)].astype(np.float32)
 
 
+def rnnoise_denoise(samples: np.ndarray) -> np.ndarray:
+    """RNNoise (Valin, MMSP 2018; the ``pyrnnoise`` wheel's library): a small recurrent denoiser that
+    ships inside a wheel, run at its 48 kHz (soxr up and back down)."""
+    from pyrnnoise.rnnoise import FRAME_SIZE, create, destroy, process_mono_frame
+
+    upsampled = np.clip(resample(samples, SAMPLE_RATE, 48000), -1.0, 1.0).astype(np.float32)
+    state = create()
+    try:
+        frames = [
+            process_mono_frame(state, upsampled[i : i + FRAME_SIZE])[0]
+            for i in range(0, len(upsampled), FRAME_SIZE)
+        ]
+    finally:
+        destroy(state)
+    denoised = np.concatenate(frames).astype(np.float32) / 32767
+    # Back to the level the rest of the chain expects (it attenuates speech too, by ≈ 10 dB here).
+    return normalise_level(resample(denoised, 48000, SAMPLE_RATE)[: len(samples)])
+
+
+def has_rnnoise() -> bool:
+    try:
+        import pyrnnoise.rnnoise  # noqa: F401
+    except (ImportError, OSError):
+        console.print("no pyrnnoise: the RNNoise row is left out (pip install pyrnnoise==0.4.5)")
+        return False
+    return True
+
+
 def mel_bin_centres_hz(num_bins: int = 80, low: float = 20.0, high: float = SAMPLE_RATE / 2) -> np.ndarray:
     """Centre frequencies of Kaldi's mel filterbank bins (mel = 1127 ln(1 + f/700))."""
     mel_low, mel_high = (1127 * np.log1p(f / 700) for f in (low, high))
@@ -191,6 +219,18 @@ FRONT_ENDS = [
         "spectral subtraction a=1, floor -10 dB",
         "specsub-1",
         wave=lambda x: spectral_subtraction(x, over_subtraction=1.0, floor_db=-10.0),
+    ),
+    *(
+        [
+            FrontEnd(
+                "RNNoise denoiser (pyrnnoise 0.4.5), then the noise fill -55 dBFS per window",
+                "rnnoise-fillw-55",
+                wave=rnnoise_denoise,
+                windows=lambda found: fill_windows(found, TELEPHONE_RATE, -55.0),
+            )
+        ]
+        if has_rnnoise()
+        else []
     ),
 ]
 
