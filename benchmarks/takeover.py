@@ -87,6 +87,7 @@ sys.path.insert(0, str(BENCH))
 from accuracy import environment, utterances_by_speaker  # noqa: E402
 from devset import devset_dir  # noqa: E402
 
+from verifier.adaptation import DEFAULT_UPDATE_POLICY, CallMaterial, UpdateMaterial  # noqa: E402
 from verifier.audio import encode_mulaw, normalise_level, read_audio, to_pcm16  # noqa: E402
 from verifier.calibration import Calibration, fit_calibration, packaged_calibration  # noqa: E402
 from verifier.decision import LIVE_VAD, CallDecision, DecisionPolicy, State  # noqa: E402
@@ -135,6 +136,7 @@ EVIDENCE_SECONDS = (6.0, 9.0)  # the verdict's evidence (VERIFIED, the score sho
 WINDOW_LLR_LIMITS = (2.0, 3.0, 4.0, 6.0)
 ALLOWANCES = (0.0, 1.0, 2.0)
 ALERT_EVIDENCE = (6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
+UPDATE_EVIDENCE_FLOORS = (2.0, 3.0, 4.0)  # UpdatePolicy.min_evidence_llr values measured
 
 # The aim of the issue: >= 95 % of takeovers caught within 6 s of impostor speech (a p95 delay of at most
 # 6 s), <= 1 false alert per 10 h of genuine speech.
@@ -930,6 +932,51 @@ class Split:
                 )
         return out
 
+    def update_eligibility(self, setting: Setting) -> list[dict[str, Any]]:
+        """Which calls would update their agent's voiceprint (verifier/adaptation.py), run through
+        ``CallDecision.observe`` at ``setting``, for a few evidence floors: genuine calls that qualify
+        (the yield) and takeover calls that qualify (poisoning), with how much impostor speech those
+        would have averaged in."""
+        calls = self.calls[setting.vad]
+        out = []
+        for floor in UPDATE_EVIDENCE_FLOORS:
+            policy = replace(DEFAULT_UPDATE_POLICY, min_evidence_llr=floor)
+            counts: dict[str, list[int]] = {"genuine": [0, 0], "takeover": [0, 0]}
+            impostor_share: list[float] = []
+            why_not: dict[str, Counter[str]] = {"genuine": Counter(), "takeover": Counter()}
+            for call in calls:
+                vp = call.plan.voiceprint
+                decision = CallDecision(
+                    vp.vector, self.calibration, self.embedder.model_id, setting.policy, vp.mean
+                )
+                decision.material = UpdateMaterial(policy)
+                for e, sp, a, b in zip(call.embeddings, call.speech, call.start, call.end, strict=True):
+                    decision.observe(e, float(sp), float(a), float(b))
+                material = decision.material.result()
+                counts[call.plan.kind][1] += 1
+                if isinstance(material, str):
+                    why_not[call.plan.kind][
+                        "too little verified speech" if "needed" in material else material
+                    ] += 1
+                if isinstance(material, CallMaterial):
+                    counts[call.plan.kind][0] += 1
+                    if call.plan.kind == "takeover":
+                        impostor_share.append(
+                            float(np.sum(call.impostor * call.speech) / np.sum(call.speech))
+                        )
+            out.append(
+                {
+                    "min_evidence_llr": floor,
+                    "genuine_calls_updating": counts["genuine"][0],
+                    "genuine_calls": counts["genuine"][1],
+                    "takeover_calls_updating": counts["takeover"][0],
+                    "takeover_calls": counts["takeover"][1],
+                    "impostor_share_of_their_speech": impostor_share,
+                    "why_not": {kind: dict(c) for kind, c in why_not.items()},
+                }
+            )
+        return out
+
     def describe(self) -> dict[str, Any]:
         """What the calls are made of, and how much of it is unique audio."""
         played: dict[str, Counter[Path]] = {"genuine": Counter(), "impostor": Counter()}
@@ -1411,11 +1458,29 @@ def main() -> None:
         for v in gated_vads or [replace(DEFAULT_VAD, min_window_snr_db=WINDOW_SNR_GATES[-1])]
     ]
 
+    updates = {split.name: split.update_eligibility(DEFAULT) for split in (tune, holdout)}
+
     # --- print
     described = {split.name: split.describe() for split in (tune, holdout)}
     described["held-out"]["overlap"] = shared_sources(tune.devdir, holdout.devdir)
     for name, d in described.items():
         console.print(describe_split(name, d))
+    table = Table(title="Voiceprint updates from verified calls (verifier/adaptation.py), default setting")
+    for column in ("split", "evidence floor (LLR)", "genuine calls updating", "takeover calls updating"):
+        table.add_column(column, justify="right")
+    for name, split_rows in updates.items():
+        for r in split_rows:
+            taken = r["takeover_calls_updating"]
+            share = (
+                f" (impostor {100 * max(r['impostor_share_of_their_speech']):.0f} % at most)" if taken else ""
+            )
+            table.add_row(
+                name,
+                f"{r['min_evidence_llr']:g}",
+                f"{r['genuine_calls_updating']} / {r['genuine_calls']}",
+                f"{taken} / {r['takeover_calls']}{share}",
+            )
+    console.print(table)
     overlap = described["held-out"]["overlap"]
     console.print(
         f"The held-out split has the same 18 speakers; {overlap['sharing_source_audio_with_tuning']} of its "
@@ -1517,6 +1582,11 @@ def main() -> None:
         "rule": recommend.__doc__,
         "tuning": result_row(chosen, chosen_t),
         "held_out": result_row(chosen, chosen_h),
+    }
+    report["voiceprint_updates"] = {
+        "policy": asdict(DEFAULT_UPDATE_POLICY),
+        "setting": DEFAULT.to_dict(),
+        "splits": updates,
     }
     report["replay_cross_check"] = checks
     report["gate_cross_check"] = gate_checks

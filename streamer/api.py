@@ -107,6 +107,8 @@ class VoiceprintOut(BaseModel):
     net_speech_seconds: float
     quality: dict[str, float]
     audio_retained: bool
+    updates: int = Field(description="Verified calls averaged into the voiceprint since enrolment.")
+    updated_from_calls_seconds: float = Field(description="Their speech, in the voiceprint's weight.")
     embedding: list[float] | None = Field(None, description="Only with include_embedding=true.")
 
     @classmethod
@@ -121,6 +123,8 @@ class VoiceprintOut(BaseModel):
             net_speech_seconds=vp.net_speech_seconds,
             quality=dict(vp.quality),
             audio_retained=vp.audio_retained,
+            updates=vp.updates,
+            updated_from_calls_seconds=round(vp.updated_from_calls_seconds, 2),
             embedding=[round(float(x), 7) for x in vp.vector] if include_embedding else None,
         )
 
@@ -274,12 +278,18 @@ class KeyIn(BaseModel):
 class TenantSettingsOut(BaseModel):
     tenant: str
     retain_audio: bool
+    voiceprint_updates: bool
     twilio_auth_token_set: bool
     audiohook_client_secret_set: bool
 
 
 class TenantSettingsIn(BaseModel):
     retain_audio: bool | None = None
+    voiceprint_updates: bool | None = Field(
+        None,
+        description="Agents' confidently verified calls (30 s of speech or more, no doubt at any point) "
+        "update their voiceprints; calls never make up more than half of a voiceprint. Off by default.",
+    )
     twilio_auth_token: str | None = Field(
         None, max_length=256, description="Twilio signs stream requests with it ('' removes it)."
     )
@@ -532,6 +542,7 @@ def _tenant_out(tenant: str, settings: Any) -> TenantSettingsOut:
     return TenantSettingsOut(
         tenant=tenant,
         retain_audio=settings.retain_audio,
+        voiceprint_updates=settings.voiceprint_updates,
         twilio_auth_token_set=settings.twilio_auth_token_set,
         audiohook_client_secret_set=settings.audiohook_client_secret_set,
     )

@@ -21,12 +21,14 @@ from verifier.audio import Audio, encode_flac, read_audio_bytes
 @dataclass(frozen=True)
 class TenantSettings:
     retain_audio: bool = False
+    voiceprint_updates: bool = False  # agents' verified calls update their voiceprints (opt-in)
     twilio_auth_token_set: bool = False  # the secrets themselves are never read back through the API
     audiohook_client_secret_set: bool = False
 
 
 class TenantSettingsStore:
-    """Per-tenant settings in ``vptenant:{<tenant>}``: audio retention, and the secrets telephony
+    """Per-tenant settings in ``vptenant:{<tenant>}``: audio retention, voiceprint updates from verified
+    calls, and the secrets telephony
     platforms sign with (the Twilio auth token; the AudioHook client secret, base64)."""
 
     def __init__(self, client: redis.Redis) -> None:
@@ -40,6 +42,7 @@ class TenantSettingsStore:
         fields = self.client.hgetall(self._key(tenant))
         return TenantSettings(
             retain_audio=fields.get(b"retain_audio") == b"1",
+            voiceprint_updates=fields.get(b"voiceprint_updates") == b"1",
             twilio_auth_token_set=bool(fields.get(b"twilio_auth_token")),
             audiohook_client_secret_set=bool(fields.get(b"audiohook_client_secret")),
         )
@@ -49,13 +52,15 @@ class TenantSettingsStore:
         tenant: str,
         *,
         retain_audio: bool | None = None,
+        voiceprint_updates: bool | None = None,
         twilio_auth_token: str | None = None,
         audiohook_client_secret: str | None = None,
     ) -> TenantSettings:
         """None leaves a setting as it is; an empty string removes a secret."""
         changes: dict[str, str] = {}
-        if retain_audio is not None:
-            changes["retain_audio"] = "1" if retain_audio else "0"
+        for name, flag in (("retain_audio", retain_audio), ("voiceprint_updates", voiceprint_updates)):
+            if flag is not None:
+                changes[name] = "1" if flag else "0"
         for name, value in (
             ("twilio_auth_token", twilio_auth_token),
             ("audiohook_client_secret", audiohook_client_secret),

@@ -642,6 +642,40 @@ async def end_call(state: AppState, call: LiveCall, consumer: asyncio.Task[None]
     await state.outbox.call_state(
         session.tenant, session.call_id, call_state(state, session, ended_reason=reason), ended=True
     )
+    await update_voiceprint(state, call)
+
+
+async def update_voiceprint(state: AppState, call: LiveCall) -> None:
+    """A confidently verified call updates its agent's voiceprint, for tenants that opted in
+    (verifier/adaptation.py says what qualifies)."""
+    session = call.session
+    if session.decision is None or session.agent_id is None:
+        return
+    material = session.decision.material.result()
+    try:
+        if not (await state.run_io(state.service.tenants.get, session.tenant)).voiceprint_updates:
+            return
+        if isinstance(material, str):
+            outcome = "not_eligible"
+            log.info("voiceprint not updated: %s", material, extra=ids(call))
+        else:
+            updated = await state.run_io(
+                state.service.update_from_call, session.tenant, session.agent_id, material
+            )
+            outcome = "updated" if updated is not None else "refused"
+            log.info(
+                "voiceprint %s from %.0f s of verified speech",
+                "updated" if updated is not None else "not updated (changed meanwhile, or full)",
+                material.speech_seconds,
+                extra=ids(call),
+            )
+    except REDIS_ERRORS as exc:
+        outcome = "redis_unavailable"
+        log.warning("voiceprint not updated: Redis unavailable (%s)", exc, extra=ids(call))
+    except VpmonError as exc:
+        outcome = "refused"
+        log.warning("voiceprint not updated: %s", exc, extra=ids(call))
+    metrics.VOICEPRINT_UPDATES.labels(outcome).inc()
 
 
 # --- bindings through the API -----------------------------------------------------------------------

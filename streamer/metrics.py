@@ -197,6 +197,11 @@ VERDICT_LATENCY = Histogram(
     ["protocol"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+VOICEPRINT_UPDATES = Counter(
+    "vpmon_voiceprint_updates_total",
+    "Ended calls of tenants with voiceprint updates on, by what they did to the agent's voiceprint.",
+    ["outcome"],  # updated | not_eligible | refused (changed meanwhile, or full) | redis_unavailable
+)
 VERDICTS = Counter("vpmon_verdicts_total", "Verdicts, by the call state they decided.", ["protocol", "state"])
 ALERTS = Counter(
     "vpmon_alerts_total", "Alerts and notices written to the alert stream.", ["protocol", "outcome"]

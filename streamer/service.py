@@ -16,6 +16,7 @@ import numpy as np
 from streamer.archive import AudioArchive, TenantSettingsStore
 from streamer.store import SearchHit, Voiceprint, VoiceprintStore, check_speaker, check_tenant
 from streamer.voiceprint_means import TenantMeans
+from verifier.adaptation import CallMaterial, updated_voiceprint
 from verifier.audio import Audio, read_audio_bytes
 from verifier.embedder import Embedder
 from verifier.enrolment import Enrolment, EnrolmentPolicy, Recording, enrol
@@ -215,6 +216,8 @@ class VoiceprintService:
             net_speech_seconds=round(enrolment.net_speech_seconds, 2),
             quality=enrolment.quality(),
             audio_retained=True,
+            updates=0,  # the calls' audio is not retained: what they taught is not carried over
+            updated_from_calls_seconds=0.0,
         )
         return voiceprint, enrolment
 
@@ -230,6 +233,25 @@ class VoiceprintService:
         mean = self.centring_mean(voiceprint)
         verdict = self.scorer.verdict(voiceprint.vector, side.embedding, side.net_speech_seconds, mean)
         return verdict, voiceprint, Side(upload.name, side.net_speech_seconds, side.windows)
+
+    def update_from_call(self, tenant: str, speaker_id: str, material: CallMaterial) -> Voiceprint | None:
+        """Average a verified call into the agent's voiceprint (verifier/adaptation.py); None when the
+        voiceprint has gone, changed (re-enrolled, another model, another update first), or already
+        holds all the calls it may."""
+        old = self.store.get(tenant, speaker_id)
+        if old is None or old.model_id != self.model_id:
+            return None
+        updated = updated_voiceprint(
+            old.vector, old.net_speech_seconds, old.updated_from_calls_seconds, material
+        )
+        if updated is None:
+            return None
+        vector, seconds = updated
+        new = replace(old, vector=vector, updates=old.updates + 1, updated_from_calls_seconds=seconds)
+        if not self.store.put_if_unchanged(old, new):
+            return None
+        self.means.forget(tenant)
+        return new
 
     def centring_mean(self, voiceprint: Voiceprint) -> np.ndarray | None:
         """The mean of the tenant's other voiceprints to centre this one's scores on; None when centring

@@ -106,6 +106,9 @@ class Voiceprint:
     net_speech_seconds: float = 0.0
     quality: Mapping[str, float] = field(default_factory=dict)
     audio_retained: bool = False
+    # Verified calls averaged in since enrolment (verifier/adaptation.py; the tenant's opt-in).
+    updates: int = 0
+    updated_from_calls_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         check_tenant(self.tenant)
@@ -143,6 +146,10 @@ class VoiceprintStore(Protocol):
 
     def put_many(self, vps: Iterable[Voiceprint]) -> int:
         """``put`` for many voiceprints in batched transactions; returns how many were written."""
+
+    def put_if_unchanged(self, old: Voiceprint, new: Voiceprint) -> bool:
+        """Replace ``old`` by ``new`` only if the stored voiceprint is still ``old`` (the same enrolment
+        and number of updates), in one transaction: a re-enrolment or deletion in between wins."""
 
     def get(self, tenant: str, speaker_id: str) -> Voiceprint | None: ...
 
@@ -302,6 +309,8 @@ def _attributes(vp: Voiceprint) -> dict[str, Any]:
         "net_speech_seconds": vp.net_speech_seconds,
         "quality": dict(vp.quality),
         "audio_retained": vp.audio_retained,
+        "updates": vp.updates,
+        "updated_from_calls_seconds": vp.updated_from_calls_seconds,
     }
 
 
@@ -318,7 +327,17 @@ def _voiceprint(tenant: str, vector: np.ndarray, attrs: Mapping[str, Any]) -> Vo
         net_speech_seconds=float(attrs.get("net_speech_seconds", 0.0)),
         quality=attrs.get("quality", {}),
         audio_retained=bool(attrs.get("audio_retained", False)),
+        updates=int(attrs.get("updates", 0)),
+        updated_from_calls_seconds=float(attrs.get("updated_from_calls_seconds", 0.0)),
     )
+
+
+def _same_version(stored_attrs: bytes | str | None, vp: Voiceprint) -> bool:
+    """Whether stored attributes are those of ``vp``'s enrolment after as many updates."""
+    if stored_attrs is None:
+        return False
+    attrs = json.loads(stored_attrs)
+    return attrs.get("enrolled_at") == vp.enrolled_at and int(attrs.get("updates", 0)) == vp.updates
 
 
 def _hit(attrs: Mapping[str, Any], score: float) -> SearchHit:
@@ -383,7 +402,7 @@ class _TenantModel:
             )
 
 
-def _write_in_batches(vps: Iterable[Voiceprint], write: Callable[[str, list[Voiceprint]], None]) -> int:
+def _write_in_batches(vps: Iterable[Voiceprint], write: Callable[[str, list[Voiceprint]], object]) -> int:
     """put_many for both backends: one transaction per tenant and ``_BATCH`` voiceprints."""
     groups: dict[str, list[Voiceprint]] = {}
     for vp in vps:
@@ -463,14 +482,22 @@ class VectorSetStore:
     def put_many(self, vps: Iterable[Voiceprint]) -> int:
         return _write_in_batches(vps, self._put_batch)
 
-    def _put_batch(self, tenant: str, batch: list[Voiceprint]) -> None:
+    def put_if_unchanged(self, old: Voiceprint, new: Voiceprint) -> bool:
+        return self._put_batch(new.tenant, [new], unchanged=old)
+
+    def _put_batch(self, tenant: str, batch: list[Voiceprint], unchanged: Voiceprint | None = None) -> bool:
         keys = _VsetKeys.of(tenant)
         model_id, dim = _one_model(tenant, batch)
+        written = True
 
         def write(pipe: redis.client.Pipeline) -> None:
+            nonlocal written
             # Watched: the model record, and each speaker's old attributes (to drop old index entries).
             self.models.check(tenant, self.models.read(pipe, tenant), model_id, dim)
             old_attrs = [pipe.execute_command("VGETATTR", keys.vset, vp.speaker_id) for vp in batch]
+            written = unchanged is None or _same_version(old_attrs[0], unchanged)
+            if not written:
+                return
             pipe.multi()
             pipe.hset(keys.meta, mapping={"model_id": model_id, "dim": dim})
             for vp, old in zip(batch, old_attrs, strict=True):
@@ -491,6 +518,7 @@ class VectorSetStore:
                     pipe.zadd(keys.tags, {_label_member(tag, vp.speaker_id): 0 for tag in vp.tags})
 
         self._transaction(write, keys.vset, keys.meta)
+        return written
 
     def get(self, tenant: str, speaker_id: str) -> Voiceprint | None:
         keys = _VsetKeys.of(tenant)
@@ -711,13 +739,23 @@ class SearchIndexStore:
     def put_many(self, vps: Iterable[Voiceprint]) -> int:
         return _write_in_batches(vps, self._put_batch)
 
-    def _put_batch(self, tenant: str, batch: list[Voiceprint]) -> None:
+    def put_if_unchanged(self, old: Voiceprint, new: Voiceprint) -> bool:
+        return self._put_batch(new.tenant, [new], unchanged=old)
+
+    def _put_batch(self, tenant: str, batch: list[Voiceprint], unchanged: Voiceprint | None = None) -> bool:
         meta = self.models.key(tenant)
         model_id, dim = _one_model(tenant, batch)
         self._ensure_index(dim)
+        written = True
+        watched = [meta] if unchanged is None else [meta, self._doc(tenant, unchanged.speaker_id)]
 
         def write(pipe: redis.client.Pipeline) -> None:
+            nonlocal written
             self.models.check(tenant, self.models.read(pipe, tenant), model_id, dim)
+            if unchanged is not None:
+                written = _same_version(pipe.hget(watched[1], "attrs"), unchanged)
+                if not written:
+                    return
             pipe.multi()
             pipe.hset(meta, mapping={"model_id": model_id, "dim": dim})
             for vp in batch:
@@ -737,9 +775,10 @@ class SearchIndexStore:
                 pipe.hset(doc, mapping=fields)
 
         try:
-            self.client.transaction(write, meta)
+            self.client.transaction(write, *watched)
         except redis.ResponseError as exc:
             raise StoreError(f"Redis refused the voiceprint write: {exc}") from exc
+        return written
 
     def get(self, tenant: str, speaker_id: str) -> Voiceprint | None:
         fields = self.client.hmget(self._doc(tenant, speaker_id), ["attrs", "vec"])

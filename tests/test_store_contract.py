@@ -3,6 +3,8 @@ vector sets at full precision and with Q8 quantisation, and the query engine."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import redis
@@ -130,6 +132,29 @@ def test_put_replaces(store: VoiceprintStore, tol: float) -> None:
     [hit] = store.search("acme", new, model_id=MODEL, k=5)
     assert hit.score == pytest.approx(1.0, abs=tol)
     assert store.search("acme", old, model_id=MODEL, k=5, tags=["agent"]) == []
+
+
+def test_put_if_unchanged_loses_to_a_change_in_between(store: VoiceprintStore, tol: float) -> None:
+    """A voiceprint update from a call writes only over the voiceprint it was computed from."""
+    first, second, third = voice_space(3)
+    enrolled = replace(make("acme", 1, first, site="north"), enrolled_at="2026-11-26T10:00:00+00:00")
+    store.put(enrolled)
+    stored = store.get("acme", "spk001")
+    updated = replace(stored, vector=second, updates=1, updated_from_calls_seconds=30.0)
+    assert store.put_if_unchanged(stored, updated) is True
+    got = store.get("acme", "spk001")
+    assert (got.updates, got.updated_from_calls_seconds, got.site) == (1, 30.0, "north")
+    np.testing.assert_allclose(got.vector, second, atol=tol)
+    # Computed from the voiceprint before that update: refused.
+    assert store.put_if_unchanged(stored, replace(updated, vector=third)) is False
+    # Re-enrolled in between: refused, the new enrolment stays.
+    store.put(replace(enrolled, vector=third, enrolled_at="2026-11-26T11:00:00+00:00"))
+    assert store.put_if_unchanged(got, replace(got, vector=first, updates=2)) is False
+    np.testing.assert_allclose(store.get("acme", "spk001").vector, third, atol=tol)
+    # Deleted in between: refused, nothing comes back.
+    store.delete("acme", "spk001")
+    assert store.put_if_unchanged(got, replace(got, updates=2)) is False
+    assert store.get("acme", "spk001") is None and store.count("acme") == 0
 
 
 def test_delete(store: VoiceprintStore) -> None:

@@ -36,6 +36,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from verifier.adaptation import UpdateMaterial
 from verifier.calibration import Calibration
 from verifier.pipeline import VadConfig, combine_embeddings
 from verifier.score_norm import centre
@@ -180,6 +181,7 @@ class CallDecision:
         self._impostor_since: float | None = None  # where the current run of impostor evidence began
         self._speech_total = 0.0
         self._last_alert_at: float | None = None  # in total net speech
+        self.material = UpdateMaterial()  # what the call may add to the voiceprint (verifier/adaptation.py)
 
     def observe(
         self, embedding: np.ndarray, speech_seconds: float, start: float, end: float
@@ -208,6 +210,8 @@ class CallDecision:
             model_id=self.model_id,
             centred=self.centred,
         )
+        verified = self.state is State.VERIFIED
+        self.material.add(embedding, speech_seconds, verified, llr, self.impostor_evidence)
         return verdict, (Alert(verdict, alert) if alert is not None else None)
 
     def _centred(self, vector: np.ndarray) -> np.ndarray:
