@@ -42,7 +42,14 @@ gateway's fault) and how late the tick's last frame went out.
 Redis' CPU (``/proc/<pid>/stat`` utime+stime, in cores; the gateway's is the sum over ``vpmon serve``
 and every process it started, i.e. its workers with ``--workers``, each also shown alone), the
 gateway's RSS (``VmRSS``, and its peak ``VmHWM``, each summed over those processes), the machine's busy
-cores (``/proc/stat``: what other processes on the machine took is shown);
+cores (``/proc/stat``: what other processes on the machine took is shown); by thread
+(``/proc/<pid>/task/<tid>/schedstat``), the cores of the processes' main threads (each gateway process's
+event loop), how long they were runnable but waiting for a CPU, and the cores of every other thread (the
+embedding workers: ``vpmon_embedding_seconds`` is their wall time, which includes their own waits for a
+CPU and the GIL); with ``--profile S``, py-spy (``--nonblocking``: the gateway is not paused) records
+every thread and, separately, only the thread holding the GIL, for the first S seconds of the
+measurement: the share of the time the event loop was busy (not waiting for its sockets or timers), the
+share it held the GIL, the share each other thread held it, and the functions holding it most;
 from ``/metrics`` (a monitor key): verdict latency p50 / p99 (window end, when the VAD closed the window
 → the verdict is in Redis and sent; from the histogram's bucket deltas, interpolated within a bucket as
 Prometheus' ``histogram_quantile`` does, and the exact share within the 250 ms bucket), windows embedded,
@@ -72,6 +79,10 @@ healthy generator (tick lag p99 ≤ 10 ms; otherwise the step proves nothing and
 ladder goes up until a step fails, then bisects (``--bisect`` steps) between the last pass and the first
 failure.
 
+``--variant NAME:SETTING=VALUE[,…]`` adds a mode: the pool with those gateway settings (e.g. the
+pool's workers or batch size), on the pool's ladder, after it in the same run, so that they are compared
+side by side on the same machine state. A setting the gateway does not have is refused.
+
 **Modes**: ``pool`` (the gateway's default: ``VPMON_EMBEDDING_MODE=pool`` where the setting exists) and
 ``naive`` (``VPMON_EMBEDDING_MODE=naive``: one unbatched embedding per window on the event loop). If this
 gateway has no such setting, the naive steps run against the default and every output says so. The
@@ -96,6 +107,7 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -481,6 +493,41 @@ def unread_bytes(port: int) -> int:
     return total
 
 
+def thread_times(pids: Sequence[int]) -> dict[tuple[int, int], tuple[float, float]]:
+    """(process, thread) → (seconds on a CPU, seconds runnable but waiting for one), from
+    /proc/<pid>/task/<tid>/schedstat. A process's main thread (tid = pid) runs its event loop."""
+    times = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                on_cpu, waiting, _ = (int(v) for v in (task / "schedstat").read_text().split())
+                times[(pid, int(task.name))] = (on_cpu / 1e9, waiting / 1e9)
+    return times
+
+
+def thread_cores(
+    start: dict[tuple[int, int], tuple[float, float]],
+    end: dict[tuple[int, int], tuple[float, float]],
+    seconds: float,
+) -> dict[str, float]:
+    """The event loop threads' cores and their wait for a CPU (in cores: 0.2 = runnable but not running
+    a fifth of the time), and every other thread's cores (embedding workers, uvicorn's helpers)."""
+    loop = waiting = others = 0.0
+    for (pid, tid), (on_cpu, waited) in end.items():
+        if (pid, tid) not in start:
+            continue
+        if pid == tid:
+            loop += on_cpu - start[(pid, tid)][0]
+            waiting += waited - start[(pid, tid)][1]
+        else:
+            others += on_cpu - start[(pid, tid)][0]
+    return {
+        "loop_threads": round(loop / seconds, 3),
+        "loop_threads_runqueue_wait": round(waiting / seconds, 3),
+        "other_threads": round(others / seconds, 3),
+    }
+
+
 def machine_busy_seconds() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
@@ -572,6 +619,7 @@ class Snapshot:
     machine: float
     frames_sent: float
     gateway_processes: dict[int, float]  # pid → CPU seconds: vpmon serve and its workers
+    threads: dict[tuple[int, int], tuple[float, float]]  # thread_times of the gateway's processes
 
     @classmethod
     def take(cls, http: Any, pids: dict[str, int], shared: Any, gateway: Sequence[int]) -> Snapshot:
@@ -580,7 +628,119 @@ class Snapshot:
             name: sum(processes.values()) if name == "gateway" else cpu_seconds(pid)
             for name, pid in pids.items()
         }
-        return cls(time.monotonic(), Metrics.scrape(http), cpu, machine_busy_seconds(), shared[1], processes)
+        return cls(
+            time.monotonic(),
+            Metrics.scrape(http),
+            cpu,
+            machine_busy_seconds(),
+            shared[1],
+            processes,
+            thread_times(gateway),
+        )
+
+
+# --- where the event loop's time goes (--profile) --------------------------------------------------
+PY_SPY = Path(sys.executable).parent / "py-spy"
+PROFILE_RATE = 100  # samples per second per thread
+# The last Python frame of an event loop thread waiting for its sockets or timers: uvloop runs callbacks
+# from C, so an idle uvloop shows only asyncio.Runner.run; the pure-Python loop waits in select.
+LOOP_WAIT_FRAMES = ("Runner.run (asyncio/runners.py", "select (selectors.py", "EpollSelector.select (")
+
+
+def start_profilers(pids: Sequence[int], seconds: float, work: Path) -> list[tuple[int, str, Path, Any]]:
+    """Two py-spy recorders per gateway process, without pausing it (``--nonblocking``): every thread's
+    stack (``--idle``) and only the thread holding the GIL (``--gil``)."""
+    profilers = []
+    for pid in pids:
+        for kind, flag in (("all", "--idle"), ("gil", "--gil")):
+            path = work / f"py-spy-{pid}-{kind}-{uuid.uuid4().hex[:6]}.txt"
+            command = [str(PY_SPY), "record", "--pid", str(pid), flag, "--threads", "--nonblocking"]
+            command += ["--format", "raw", "--rate", str(PROFILE_RATE), "--duration", f"{seconds:.0f}"]
+            process = subprocess.Popen(
+                [*command, "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            profilers.append((pid, kind, path, process))
+    return profilers
+
+
+def read_collapsed(path: Path) -> list[tuple[int, str, list[str], int]]:
+    """py-spy's raw (collapsed) output with --threads → (thread id, thread name, frames, samples)."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        thread, _, frames = stack.partition(";")
+        tid, _, name = thread.removeprefix("thread (").partition("): ")
+        stacks.append((int(tid, 0), name, frames.split(";") if frames else [], int(count)))
+    return stacks
+
+
+def leaf(frames: list[str]) -> str:
+    """The innermost frame without its line number: 'function (file)'."""
+    return frames[-1].rsplit(":", 1)[0] + ")" if frames else "(no Python frame)"
+
+
+def profile_summary(pid: int, everything: Path, gil: Path, top: int = 15) -> dict[str, Any]:
+    """Of the process's main (event loop) thread: the share of samples in which it was not waiting for
+    its sockets or timers (busy: running, or wanting to run), and the share in which it held the GIL;
+    the GIL held by every other thread, by name; and the functions holding the GIL most."""
+    stacks, holders = read_collapsed(everything), read_collapsed(gil)
+    samples = sum(count for tid, _, _, count in stacks if tid == pid)
+    if not samples:
+        return {"error": "py-spy recorded nothing (is ptrace allowed?)"}
+    busy = sum(
+        count
+        for tid, _, frames, count in stacks
+        if tid == pid and frames and not frames[-1].startswith(LOOP_WAIT_FRAMES)
+    )
+    held: dict[str, int] = defaultdict(int)
+    inclusive: dict[str, int] = defaultdict(int)  # the loop's samples with the function on the stack
+    loop_functions: dict[str, int] = defaultdict(int)
+    other_functions: dict[str, int] = defaultdict(int)
+    for tid, name, frames, count in holders:
+        held["event loop" if tid == pid else name] += count
+        (loop_functions if tid == pid else other_functions)[leaf(frames)] += count
+        if tid == pid:
+            for function in {leaf([frame]) for frame in frames}:
+                inclusive[function] += count
+
+    def share(counts: dict[str, int], most: int = top) -> dict[str, float]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:most]
+        return {key: round(count / samples, 4) for key, count in ranked}
+
+    return {
+        "samples": samples,
+        "loop_busy": round(busy / samples, 3),
+        "loop_holds_gil": round(held.get("event loop", 0) / samples, 3),
+        # busy without the GIL: waiting for it, or for a CPU (see thread_cores' runqueue wait), or in C
+        # code that released it (socket writes)
+        "loop_busy_without_gil": round((busy - held.get("event loop", 0)) / samples, 3),
+        "gil_held_by": share(held),
+        "gil_unheld": round(1 - sum(held.values()) / samples, 3),
+        "loop_functions_holding_gil": share(loop_functions),
+        # with their callees; the loop's common trunk (runpy, uvicorn's run, …) left out
+        "loop_functions_holding_gil_inclusive": share(
+            {f: n for f, n in inclusive.items() if n < 0.99 * max(inclusive.values(), default=0)}, 30
+        ),
+        "other_functions_holding_gil": share(other_functions),
+    }
+
+
+def finish_profilers(profilers: list[tuple[int, str, Path, Any]]) -> dict[str, Any]:
+    files: dict[int, dict[str, Path]] = defaultdict(dict)
+    for pid, kind, path, process in profilers:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        files[pid][kind] = path
+    summary = {}
+    for pid, kinds in files.items():
+        if all(path.is_file() for path in kinds.values()):
+            summary[str(pid)] = profile_summary(pid, kinds["all"], kinds["gil"])
+        else:
+            summary[str(pid)] = {"error": "py-spy wrote no profile (is ptrace allowed?)"}
+    return summary
 
 
 def embedding_modes() -> tuple[str, ...]:
@@ -597,16 +757,20 @@ def embedding_modes() -> tuple[str, ...]:
 def gateway(redis: Any, directory: Path, settings: dict[str, str]) -> Iterator[Any]:
     from tests.server_fixtures import start_vpmon, stop_vpmon
 
-    server = start_vpmon(directory, redis, **settings)
-    workers = int(settings.get("workers", 1))
-    deadline = time.monotonic() + 120
-    # /healthz answered: one worker is up; the steps need all of them.
-    while server.log.read_text(errors="replace").count("Application startup complete.") < workers:
-        if time.monotonic() > deadline or server.process.poll() is not None:
-            stop_vpmon(server)
-            raise SystemExit(f"error: {workers} gateway workers did not start:\n{server.log_tail()}")
-        time.sleep(0.2)
+    # SIGTERM or Ctrl-C while the server starts would leave it running (it happened: start_vpmon has no
+    # server to stop yet): they are held until there is one, and act inside the try below.
+    with held_interrupts() as held:
+        server = start_vpmon(directory, redis, **settings)
     try:
+        if held:
+            raise KeyboardInterrupt
+        workers = int(settings.get("workers", 1))
+        deadline = time.monotonic() + 120
+        # /healthz answered: one worker is up; the steps need all of them.
+        while server.log.read_text(errors="replace").count("Application startup complete.") < workers:
+            if time.monotonic() > deadline or server.process.poll() is not None:
+                raise SystemExit(f"error: {workers} gateway workers did not start:\n{server.log_tail()}")
+            time.sleep(0.2)
         yield server
     finally:
         stop_vpmon(server)
@@ -635,7 +799,9 @@ def run_step(
     warmup: float,
     measure: float,
     work: Path,
+    profile: float = 0.0,
 ) -> dict[str, Any]:
+    """``profile``: py-spy the gateway for the first this many seconds of the measurement (0: not)."""
     context = multiprocessing.get_context("spawn")
     shared = context.RawArray("d", 3)  # start time, frames sent, calls live
     ready = context.Event()
@@ -677,6 +843,12 @@ def run_step(
             time.sleep(min(2.0, max(0.0, t0 + warmup - time.monotonic())))
         start = Snapshot.take(http, pids, shared, gateway)
         start_wall = time.time()
+        profilers = []
+        if profile > 0:
+            loops = [
+                pid for pid in gateway if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            profilers = start_profilers(loops, min(profile, measure), work)
         unread: list[int] = []
         while time.monotonic() < t0 + warmup + measure:
             read_verdicts()
@@ -684,6 +856,7 @@ def run_step(
             time.sleep(min(1.0, max(0.0, t0 + warmup + measure - time.monotonic())))
         end = Snapshot.take(http, pids, shared, gateway)
         end_wall = time.time()
+        profiled = finish_profilers(profilers) if profilers else None
         rss, peak = tree_memory_mb(gateway, "VmRSS"), tree_memory_mb(gateway, "VmHWM")
         process.join(CLOSE_TIMEOUT + 60)
         read_verdicts()
@@ -698,9 +871,12 @@ def run_step(
         raise SystemExit(f"error: the load generator failed at N = {n}: {generated['error']}")
     alerts = http.get("/v1/alerts", params={"limit": 1000}).json()
     generated["unread_frames"] = [b / plan["media_message_bytes"] for b in unread]
-    return summarise_step(
+    row = summarise_step(
         n, scripts, before, start, end, after, rss, peak, generated, verdicts, alerts, (start_wall, end_wall)
     )
+    if profiled is not None:
+        row["profile"] = {"seconds": min(profile, measure), "rate_hz": PROFILE_RATE, "processes": profiled}
+    return row
 
 
 def summarise_step(
@@ -787,6 +963,8 @@ def summarise_step(
         "other_cores": round(machine - sum(cores.values()), 3),
         "gateway_process_cores": process_cores,  # with --workers: the parent, each worker, and
         # multiprocessing's resource tracker; a process that ended during the step is not counted
+        # by thread (schedstat): the event loop vs the rest, and how long the loop waited for a CPU
+        "gateway_thread_cores": thread_cores(start.threads, end.threads, seconds),
         "gateway_rss_mb": round(rss, 1),
         "gateway_peak_rss_mb": round(peak, 1),
         "calls_played": len(records),
@@ -996,11 +1174,25 @@ def per_process(row: dict[str, Any]) -> str:
 
 def print_row(mode: str, row: dict[str, Any]) -> None:
     verdict = "[green]sustained[/]" if row["sustained"] else f"[red]{'; '.join(row['why_not'])}[/]"
+    threads = row["gateway_thread_cores"]
     console().print(
-        f"[{mode}] N = {row['calls']}: gateway {row['cores']['gateway']:.2f} cores{per_process(row)}, "
+        f"[{mode}] N = {row['calls']}: gateway {row['cores']['gateway']:.2f} cores{per_process(row)} (event "
+        f"loop {threads['loop_threads']:.2f}, waiting for a CPU {threads['loop_threads_runqueue_wait']:.2f}; "
+        f"other threads {threads['other_threads']:.2f}), machine {row['machine_busy_cores']:.2f}, "
         f"verdict p99 {_ms(row['verdict_latency_p99_s'])} ms, dropped {row['frames_dropped']:.0f}, takeovers "
         f"{row['takeovers_caught']}/{row['takeovers_evaluated']} → {verdict}"
     )
+    for pid, found in row.get("profile", {}).get("processes", {}).items():
+        if "error" in found:
+            console().print(f"  py-spy {pid}: {found['error']}")
+            continue
+        others = {k: v for k, v in found["gil_held_by"].items() if k != "event loop"}
+        console().print(
+            f"  py-spy {pid}: event loop busy {found['loop_busy']:.0%} of the time, holding the GIL "
+            f"{found['loop_holds_gil']:.0%}; GIL held by other threads {sum(others.values()):.0%} "
+            f"({', '.join(f'{k} {v:.0%}' for k, v in others.items()) or 'none'}), by nobody "
+            f"{found['gil_unheld']:.0%}"
+        )
 
 
 def print_mode(out: Any, mode: str, result: dict[str, Any]) -> None:
@@ -1009,14 +1201,16 @@ def print_mode(out: Any, mode: str, result: dict[str, Any]) -> None:
     title = f"{mode}: {result['label']}"
     table = Table(
         title=title,
-        caption="embed: cores in embedding calls (vpmon_embedding_seconds); p50/p99: window end (VAD closed "
-        "it) → verdict, the gateway's histogram; client: speech end "
+        caption="loop: the event loop thread's cores (waits: runnable, waiting for a CPU); "
+        "embed: cores in embedding calls (vpmon_embedding_seconds: wall time in the workers); "
+        "p50/p99: window end (VAD closed it) → verdict, the gateway's histogram; client: speech end "
         "→ verdict in Redis (+ the VAD's 350 ms wait); unread max: frames the gateway had not read from its "
         "sockets (most, sampled every second); gen lag: the generator's own tick lag p99",
     )
     columns = (
         "N",
         "gw cores",
+        "loop (waits)",
         "embed",
         "gen",
         "redis",
@@ -1053,6 +1247,7 @@ def print_mode(out: Any, mode: str, result: dict[str, Any]) -> None:
         table.add_row(
             str(row["calls"]),
             f"{row['cores']['gateway']:.2f}",
+            "{loop_threads:.2f} ({loop_threads_runqueue_wait:.2f})".format(**row["gateway_thread_cores"]),
             f"{row.get('embedding_cores', math.nan):.2f}",
             f"{row['cores'].get('generator', math.nan):.2f}",
             f"{row['cores']['redis']:.2f}",
@@ -1101,8 +1296,25 @@ def ratio_text(pool: dict[str, Any], naive: dict[str, Any]) -> tuple[float | Non
     return round(p / n, 2), f"{p} / {n} = {p / n:.1f}×{bound}"
 
 
+_held_signals: list[int] | None = None  # while a server starts: SIGTERM / Ctrl-C wait here
+
+
 def _terminate(signum: int, frame: object) -> None:
+    if _held_signals is not None:
+        _held_signals.append(signum)
+        return
     raise KeyboardInterrupt  # so that the generator, the gateway and Redis are stopped on the way out
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[list[int]]:
+    """SIGTERM and Ctrl-C are recorded instead of acted on inside the block (the caller acts after)."""
+    global _held_signals
+    _held_signals = []
+    try:
+        yield _held_signals
+    finally:
+        _held_signals = None
 
 
 def parse_ladder(text: str) -> list[int]:
@@ -1133,25 +1345,61 @@ def main() -> None:
         default=1,
         help="gateway processes for the pool mode (vpmon serve --workers; default 1); naive stays 1",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:SETTING=VALUE[,SETTING=VALUE]",
+        help="a further pool mode with these gateway settings (VPMON_<SETTING>), on the pool's ladder, "
+        "e.g. --variant w1:embedding_workers=1; repeatable; listed in --modes by NAME "
+        "(default: after pool)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy the gateway (every thread, and who holds the GIL) for the first SECONDS of each "
+        "step's measurement; its own CPU then shows as other cores",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
     if args.model:  # the gateways inherit the environment (tests/server_fixtures.py), as does Settings()
         os.environ["VPMON_MODEL"] = args.model
+    variants: dict[str, dict[str, str]] = {}
+    for text in args.variant:
+        name, _, assignments = text.partition(":")
+        pairs = [a.partition("=") for a in assignments.split(",") if a.strip()]
+        if not name or name in ("pool", "naive") or not pairs or any(not k or not eq for k, eq, _ in pairs):
+            parser.error(f"--variant {text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
+        variants[name] = {k.strip().lower(): v.strip() for k, _, v in pairs}
+        from streamer.settings import Settings
+
+        unknown = set(variants[name]) - set(Settings.model_fields)
+        if unknown:  # pydantic-settings would ignore the environment variable: a silent no-op variant
+            parser.error(f"--variant {name}: the gateway has no setting {', '.join(sorted(unknown))}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"pool", "naive"}:
-        parser.error("--modes takes pool, naive or pool,naive")
+    if "pool" in modes:  # variants run after the pool unless --modes places them
+        modes[modes.index("pool") + 1 : modes.index("pool") + 1] = [v for v in variants if v not in modes]
+    if not modes or set(modes) - {"pool", "naive", *variants}:
+        parser.error("--modes takes pool, naive, or a --variant's name")
     if args.workers < 1:
         parser.error("--workers takes 1 or more")
+    if args.profile > 0 and not PY_SPY.is_file():
+        parser.error(f"--profile needs py-spy next to this Python ({PY_SPY}): pip install py-spy")
     ladders = dict(QUICK_LADDER if args.quick else LADDER)
     ladders["pool"] = tuple(args.ladder or ladders["pool"])
     ladders["naive"] = tuple(args.naive_ladder or ladders["naive"])
+    for name in variants:
+        ladders[name] = ladders["pool"]
     measure = args.measure_seconds or (QUICK_MEASURE_SECONDS if args.quick else MEASURE_SECONDS)
     warmup = QUICK_WARMUP_SECONDS if args.quick else WARMUP_SECONDS
     bisect = args.bisect if args.bisect is not None else (0 if args.quick else 2)
     deadline = time.monotonic() + 60 * (args.max_minutes or (15 if args.quick else 45))
     step_seconds = warmup + measure + 30  # spawn, scripts, drain
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
 
     out = console()
     from devset import devset_dir
@@ -1174,6 +1422,8 @@ def main() -> None:
             "ramp_seconds": RAMP_SECONDS,
             "bisect": bisect,
             "pool_workers": args.workers,
+            "variants": variants,
+            "profile_seconds": args.profile,
             "call_seconds": CALL_SECONDS,
             "takeover_share": TAKEOVER_SHARE,
             "takeover_at": TAKEOVER_AT,
@@ -1225,11 +1475,13 @@ def main() -> None:
         report["modes"] = {}
         for mode in modes:
             settings: dict[str, str] = {}
-            available = mode in supported
+            kind = "naive" if mode == "naive" else "pool"
+            available = kind in supported
             if available:
-                settings["embedding_mode"] = mode
-            if mode == "pool" and args.workers > 1:  # the naive baseline stays one process
+                settings["embedding_mode"] = kind
+            if kind == "pool" and args.workers > 1:  # the naive baseline stays one process
                 settings["workers"] = str(args.workers)
+            settings.update(variants.get(mode, {}))
             label = {
                 "pool": "windows batched across calls in worker threads (VPMON_EMBEDDING_MODE=pool)"
                 if available
@@ -1238,7 +1490,9 @@ def main() -> None:
                 if available
                 else "NOT the naive baseline: this gateway has no VPMON_EMBEDDING_MODE=naive yet, so "
                 "these steps ran against its default",
-            }[mode]
+            }[kind]
+            if mode in variants:
+                label += ", with " + ", ".join(f"VPMON_{k.upper()}={v}" for k, v in variants[mode].items())
             if "workers" in settings:
                 label += f", {args.workers} gateway worker processes on one port (vpmon serve --workers)"
             out.print(f"[bold]{mode}[/]: {label}")
@@ -1253,7 +1507,9 @@ def main() -> None:
                     def run(
                         n: int, server: Any = server, http: Any = http, plan: dict[str, Any] = plan
                     ) -> dict[str, Any]:
-                        return run_step(n, server, redis, http, plan, scripts, warmup, measure, work)
+                        return run_step(
+                            n, server, redis, http, plan, scripts, warmup, measure, work, args.profile
+                        )
 
                     rows, passed, failed, notes = search_mode(
                         mode, ladders[mode], bisect, run, deadline, step_seconds

@@ -257,6 +257,9 @@ class Outbox:
             await self._flush()
         except REDIS_ERRORS as exc:
             self._unwritable(exc)
+            # Its own failure must not wake the flusher again at once: the next round comes RETRY_S
+            # later, however quickly redis-py's own retries gave up.
+            self._wake.clear()
         except Exception:  # a disk error, or a bug: the flusher must outlive it, or alerts wait forever
             log.exception("flushing the spool failed; retrying")
 

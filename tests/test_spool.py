@@ -6,6 +6,7 @@ away reach the stream in order and once each, and the file is emptied only once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from streamer.feeds import Feeds, alerts_key
 from streamer.redis_server import RedisServer
-from streamer.spool import Outbox, SpoolFile, parse, redis_dir_name
+from streamer.spool import RETRY_S, Outbox, SpoolFile, parse, redis_dir_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -305,3 +306,34 @@ def test_redis_refusing_the_write_spools_too(tmp_path: Path, redis_to_kill: Redi
     asyncio.run(scenario())
     assert [a["n"] for a in stream(redis_to_kill)] == [0]
     client_sync.close()
+
+
+def test_the_flusher_waits_between_attempts_while_redis_is_away(
+    tmp_path: Path, redis_to_kill: RedisServer
+) -> None:
+    """A failed round must not wake the next one at once: an outage would turn into a busy loop."""
+
+    class CountingOutbox(Outbox):
+        rounds = 0
+
+        async def flush(self) -> None:
+            self.rounds += 1
+            await super().flush()
+
+    async def scenario() -> int:
+        client = async_client(redis_to_kill)
+        outbox = CountingOutbox(Feeds(client), tmp_path / "spool", "gw1")
+        await outbox.flush()
+        redis_to_kill.kill()
+        assert await outbox.alert("spool", "alert", entry(1)["data"]) is None  # spooled: the outage begins
+        outbox.rounds = 0
+        flusher = asyncio.create_task(outbox.run())
+        await asyncio.sleep(5 * RETRY_S)
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await client.aclose()
+        return outbox.rounds
+
+    rounds = asyncio.run(scenario())
+    assert 1 <= rounds <= 6, rounds  # one round per RETRY_S, and the first at once

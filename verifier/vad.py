@@ -99,7 +99,7 @@ class VadSegmenter:
     def feed(self, samples: np.ndarray) -> list[SpeechWindow]:
         """Add audio; returns the windows completed by it (often none)."""
         samples = np.asarray(samples)
-        if not np.issubdtype(samples.dtype, np.floating):
+        if samples.dtype.kind != "f":  # np.issubdtype(dtype, np.floating), at a tenth of its cost
             raise ValueError(f"feed float samples in [-1, 1], got {samples.dtype} (decode PCM first)")
         samples = samples.astype(np.float32, copy=False)
         if samples.ndim != 1:
@@ -107,6 +107,8 @@ class VadSegmenter:
         buffered = np.concatenate((self._pending, samples))
         whole = len(buffered) // self._frame_length * self._frame_length
         self._pending = buffered[whole:]
+        if not whole:  # less than one frame so far
+            return []
         frames = buffered[:whole].reshape(-1, self._frame_length)
         pcm = to_pcm16(frames)
         windows: list[SpeechWindow] = []
