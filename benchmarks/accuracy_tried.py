@@ -544,6 +544,29 @@ def others_centred_as_norm(top_n: int) -> BackEnd:
     return score
 
 
+def centre_on_k_voiceprints(k: int) -> BackEnd:
+    """Centre each trial on the mean of ``k`` other speakers' voiceprints of the evaluated draw (one per
+    speaker: its recordings' mean), neither trial speaker among them: how many voiceprints a tenant's mean
+    needs (the server centres from 16 other voiceprints on, ``verifier/score_norm.py``)."""
+
+    def score(trials: TrialSet, context: Context) -> np.ndarray:
+        embeddings, speakers, _ = context.own.full_matrix()
+        names = sorted(set(speakers))
+        voiceprints = {s: l2_normalise(embeddings[speakers == s].mean(axis=0)) for s in names}
+        rng = np.random.default_rng(k)
+        out = np.empty(len(trials.labels))
+        pairs = np.char.add(np.char.add(trials.enrol_speaker, "|"), trials.test_speaker)
+        for pair in np.unique(pairs):
+            rows = np.flatnonzero(pairs == pair)
+            others = [s for s in names if s not in pair.split("|")]
+            chosen = rng.choice(len(others), size=min(k, len(others)), replace=False)
+            part = centred(subset(trials, rows), np.mean([voiceprints[others[i]] for i in chosen], axis=0))
+            out[rows] = cosines(part)
+        return out
+
+    return score
+
+
 BACK_ENDS: dict[str, BackEnd] = {
     "centre: tuning-draw mean": lambda t, c: cosines(centred(t, tune_mean(c))),
     "centre: tuning-draw mean of the other speakers": centre_without_trial_speakers,
@@ -556,6 +579,10 @@ BACK_ENDS: dict[str, BackEnd] = {
     "centre + AS-norm top-25, impostor outside cohort": as_norm_backend(25, outsider=True, centre=True),
     "centre + AS-norm top-50, impostor outside cohort": as_norm_backend(50, outsider=True, centre=True),
     "centre (other speakers' mean) + AS-norm top-25, impostor outside cohort": others_centred_as_norm(25),
+    **{
+        f"centre: own-draw mean of {k} other speakers' voiceprints": centre_on_k_voiceprints(k)
+        for k in (2, 4, 8, 16)
+    },
 }
 BACK_END_FRONTS = {"baseline": "", "fillw-55": "noise fill -55 dBFS per window + "}
 

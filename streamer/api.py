@@ -188,7 +188,7 @@ class VerdictOut(BaseModel):
     reason: str
     centred: bool = Field(
         description="The score is a cosine centred on the mean of the tenant's other voiceprints (from "
-        "eight of them on), calibrated for that; false: a raw cosine."
+        "sixteen of them on), calibrated for that; false: a raw cosine."
     )
 
     @classmethod

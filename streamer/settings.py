@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     )
     score_centring: bool = Field(
         True,
-        description="Centre verification scores on the mean of the tenant's other voiceprints (from 8 of "
+        description="Centre verification scores on the mean of the tenant's other voiceprints (from 16 of "
         "them on; README 'Accuracy'). Off: raw cosines.",
     )
 

@@ -21,17 +21,17 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def tenant() -> dict[str, np.ndarray]:
-    """Ten voiceprints sharing a channel offset (the part centring removes)."""
+    """Twenty voiceprints sharing a channel offset (the part centring removes)."""
     rng = np.random.default_rng(7)
     offset = 6.0 * unit(rng.standard_normal(16))
-    return {f"agent-{i}": unit(offset + rng.standard_normal(16)) for i in range(10)}
+    return {f"agent-{i:02d}": unit(offset + rng.standard_normal(16)) for i in range(20)}
 
 
 def test_the_mean_leaves_the_claimed_agent_out(tenant: dict[str, np.ndarray]) -> None:
     means = VoiceprintMean.of("m", tenant)
-    assert means.count == 10
-    mean = means.for_speaker("agent-3", tenant["agent-3"])
-    others = [v for k, v in tenant.items() if k != "agent-3"]
+    assert means.count == 20
+    mean = means.for_speaker("agent-03", tenant["agent-03"])
+    others = [v for k, v in tenant.items() if k != "agent-03"]
     np.testing.assert_allclose(mean, np.mean(others, axis=0), atol=1e-6)
     # Someone not among the voiceprints (a recording compared ad hoc): the mean of all of them.
     outsider = unit(np.ones(16))
@@ -42,10 +42,10 @@ def test_the_mean_leaves_the_claimed_agent_out(tenant: dict[str, np.ndarray]) ->
 
 def test_too_few_other_voiceprints_mean_no_centring(tenant: dict[str, np.ndarray]) -> None:
     enough = dict(list(tenant.items())[: MIN_OTHER_VOICEPRINTS + 1])
-    assert VoiceprintMean.of("m", enough).for_speaker("agent-0", tenant["agent-0"]) is not None
+    assert VoiceprintMean.of("m", enough).for_speaker("agent-00", tenant["agent-00"]) is not None
     too_few = dict(list(tenant.items())[:MIN_OTHER_VOICEPRINTS])
-    assert VoiceprintMean.of("m", too_few).for_speaker("agent-0", tenant["agent-0"]) is None
-    assert VoiceprintMean.of("m", {}).for_speaker("agent-0", tenant["agent-0"]) is None
+    assert VoiceprintMean.of("m", too_few).for_speaker("agent-00", tenant["agent-00"]) is None
+    assert VoiceprintMean.of("m", {}).for_speaker("agent-00", tenant["agent-00"]) is None
     # A voiceprint of another size (another model) is never centred on this mean.
     assert VoiceprintMean.of("m", tenant).for_speaker("x", unit(np.ones(8))) is None
     with pytest.raises(ValueError, match="different sizes"):
@@ -54,13 +54,15 @@ def test_too_few_other_voiceprints_mean_no_centring(tenant: dict[str, np.ndarray
 
 def test_centring_removes_the_shared_offset(tenant: dict[str, np.ndarray]) -> None:
     """Raw cosines between different agents are high (the channel); centred ones are not."""
-    mean = VoiceprintMean.of("m", tenant).for_speaker("agent-0", tenant["agent-0"])
-    raw = [float(tenant["agent-0"] @ v) for k, v in tenant.items() if k != "agent-0"]
+    mean = VoiceprintMean.of("m", tenant).for_speaker("agent-00", tenant["agent-00"])
+    raw = [float(tenant["agent-00"] @ v) for k, v in tenant.items() if k != "agent-00"]
     centred = [
-        float(centre(tenant["agent-0"], mean) @ centre(v, mean)) for k, v in tenant.items() if k != "agent-0"
+        float(centre(tenant["agent-00"], mean) @ centre(v, mean))
+        for k, v in tenant.items()
+        if k != "agent-00"
     ]
     assert np.mean(raw) > 0.5 and abs(np.mean(centred)) < 0.2
-    assert np.linalg.norm(centre(tenant["agent-1"], mean)) == pytest.approx(1.0, abs=1e-6)
+    assert np.linalg.norm(centre(tenant["agent-01"], mean)) == pytest.approx(1.0, abs=1e-6)
 
 
 def calibrations() -> Calibration:
@@ -93,9 +95,9 @@ def test_the_scorer_uses_the_centred_fit_for_centred_scores(tenant: dict[str, np
     assert not Scorer("m", fixed_threshold=0.5).can_centre()
     assert not Scorer("m", Calibration.from_dict(calibration.to_dict() | {"centred": None})).can_centre()
 
-    voiceprint = tenant["agent-0"]
+    voiceprint = tenant["agent-00"]
     test = unit(voiceprint + 0.5 * unit(np.arange(16.0)))
-    mean = VoiceprintMean.of("m", tenant).for_speaker("agent-0", voiceprint)
+    mean = VoiceprintMean.of("m", tenant).for_speaker("agent-00", voiceprint)
     raw = scorer.verdict(voiceprint, test, 3.0)
     centred = scorer.verdict(voiceprint, test, 3.0, mean)
     assert not raw.centred and centred.centred and centred.to_dict()["centred"] is True
@@ -123,13 +125,13 @@ def test_tenant_means_cache_forget_and_survive_redis_going_away(
 
     # Another process enrols: this one keeps its mean until it is told, or until max_age_s.
     store.put(Voiceprint("acme", "newcomer", unit(np.arange(16.0)), "m"))
-    assert means.get("acme", "m").count == 10
+    assert means.get("acme", "m").count == len(tenant)
     means.forget("acme")
-    assert means.get("acme", "m").count == 11
+    assert means.get("acme", "m").count == len(tenant) + 1
 
     # Redis goes away: the last mean is kept (a stale one too), nothing raises.
     means.max_age_s = 0.0
     redis_to_kill.kill()
     kept = means.get("acme", "m")
-    assert kept is not None and kept.count == 11
+    assert kept is not None and kept.count == len(tenant) + 1
     assert means.get("nobody", "m") is None
