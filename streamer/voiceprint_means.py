@@ -2,9 +2,9 @@
 
 The mean moves slowly — one agent more among many barely shifts it — so it is read from the store at
 most every ``max_age_s`` per tenant, and at once after this process enrols or deletes in that tenant
-(other processes and gateways follow within ``max_age_s``). Large tenants are sampled: the first
-``sample`` voiceprints in the store's order estimate the mean of the channel as well as all of them
-would. A store that cannot be read keeps the last mean it gave (or none: raw cosines, as before).
+(other processes and gateways follow within ``max_age_s``). Large tenants are sampled, to bound the
+read: the first ``sample`` voiceprints in the store's order (by speaker id). A store that cannot be read
+keeps the last mean it gave (or none: raw cosines, as before).
 """
 
 from __future__ import annotations
