@@ -91,6 +91,7 @@ from verifier.pipeline import (  # noqa: E402
     truncate_speech,
 )
 from verifier.trials import Trial, duration_label, read_trials  # noqa: E402
+from verifier.trials import speaker_folder as speaker_of  # noqa: E402  (wav/<speaker>/<nn>.wav)
 from verifier.vad import SpeechWindow  # noqa: E402
 
 OUTPUT = BENCH / "results" / "accuracy_tried.json"
@@ -294,10 +295,6 @@ class DrawEmbeddings:
 def in_devset(path: Path) -> str:
     """A recording's path inside its dev set (``wav/<speaker>/<nn>.wav``), the same in every mode and draw."""
     return str(Path(*path.parts[-3:]))
-
-
-def speaker_of(relative_path: str) -> str:
-    return Path(relative_path).parent.name  # wav/<speaker>/<nn>.wav
 
 
 def recut(window: SpeechWindow, processed: np.ndarray) -> SpeechWindow:

@@ -95,10 +95,10 @@ from verifier.embedder import Embedder  # noqa: E402
 from verifier.enrolment import DEFAULT_POLICY as ENROLMENT_POLICY  # noqa: E402
 from verifier.enrolment import EnrolmentError, Recording, check_recording, enrol  # noqa: E402
 from verifier.pipeline import VadConfig  # noqa: E402
-from verifier.score_norm import MIN_OTHER_VOICEPRINTS, VoiceprintMean, centre  # noqa: E402
+from verifier.score_norm import MIN_OTHER_VOICEPRINTS, centre  # noqa: E402
 from verifier.scoring import cosine  # noqa: E402
 from verifier.stream import AgentAudio  # noqa: E402
-from verifier.trials import parse_durations, read_trials, score_trials  # noqa: E402
+from verifier.trials import centring_means, parse_durations, read_trials, score_trials  # noqa: E402
 from verifier.vad import SpeechWindow  # noqa: E402
 
 MODEL = "campplus"
@@ -320,14 +320,11 @@ def with_means(voiceprints: list[Voiceprint]) -> list[Voiceprint]:
     """Each voiceprint with the mean of the other speakers' voiceprints, as the server centres an agent's
     scores on the tenant's other voiceprints (verifier/score_norm.py). Every voiceprint of the speaker is
     left out: a tenant enrols each agent once, this benchmark twice (``ENROLMENTS``)."""
-    out = []
-    for vp in voiceprints:
-        others = {v.id: v.vector for v in voiceprints if v.speaker != vp.speaker}
-        mean = VoiceprintMean.of("any", others).for_speaker(vp.id, vp.vector)
-        if mean is None:
-            raise SystemExit(f"--centring needs {MIN_OTHER_VOICEPRINTS} other speakers' voiceprints")
-        out.append(replace(vp, mean=mean))
-    return out
+    speakers = {vp.id: vp.speaker for vp in voiceprints}
+    means = centring_means("split", {vp.id: vp.vector for vp in voiceprints}, speakers.__getitem__)
+    if any(mean is None for mean in means.values()):
+        raise SystemExit(f"--centring needs {MIN_OTHER_VOICEPRINTS} other speakers' voiceprints")
+    return [replace(vp, mean=means[vp.id]) for vp in voiceprints]
 
 
 # --- calls -----------------------------------------------------------------------------------------

@@ -252,7 +252,8 @@ def calibrate(
     ] = False,
 ) -> None:
     """Fit the duration-aware score calibration on a trials list and store it in the model card: one fit
-    for raw cosines, and one for cosines centred on the other enrolments' mean (from 9 of them)."""
+    for raw cosines, and one for cosines centred on the other speakers' enrolments' mean (when there are
+    enough of them: verifier/score_norm.py)."""
     embedder, scored = _score(trials_file, model, durations, threads, speaker_folders)
     scores = np.concatenate([r.scores for r in scored])
     seconds = np.concatenate([r.seconds for r in scored])

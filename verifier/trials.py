@@ -51,8 +51,8 @@ class ScoredTrials:
     scores: np.ndarray
     labels: np.ndarray
     seconds: np.ndarray  # net speech of the test side
-    # Cosines centred on the mean of the *other* enrolment recordings (verifier/score_norm.py), as the
-    # live monitor centres on the tenant's other voiceprints; None with too few enrolment recordings.
+    # Cosines centred on the mean of the other speakers' enrolment recordings (verifier/score_norm.py),
+    # as the live monitor centres on the tenant's other voiceprints; None with too few of them.
     centred_scores: np.ndarray | None = None
 
 
@@ -151,6 +151,8 @@ def score_trials(
     tested = embed_recordings(embedder, test_paths, durations, vad=vad, combine=combine, advance=advance)
     enrolments = {str(p): l2_normalise(enrolled[p, FULL].embedding) for p in enrol_paths}
     means = centring_means(embedder.model_id, enrolments, speaker_of)
+    can_centre = all(mean is not None for mean in means.values())
+    centred_enrolments = {p: centre(v, means[p]) for p, v in enrolments.items()} if can_centre else {}
     results = []
     labels = np.array([t.target for t in trials], dtype=np.int64)
     for duration in durations:
@@ -158,11 +160,11 @@ def score_trials(
             [cosine(enrolled[t.enrol, FULL].embedding, tested[t.test, duration].embedding) for t in trials]
         )
         centred = None
-        if all(mean is not None for mean in means.values()):
+        if can_centre:
             centred = np.array(
                 [
                     cosine(
-                        centre(enrolments[str(t.enrol)], means[str(t.enrol)]),
+                        centred_enrolments[str(t.enrol)],
                         centre(l2_normalise(tested[t.test, duration].embedding), means[str(t.enrol)]),
                     )
                     for t in trials
