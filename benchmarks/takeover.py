@@ -365,7 +365,11 @@ class SimCall:
 
 def gated(call: SimCall, gate: float) -> SimCall:
     """The windows ``AgentAudio`` passes with ``min_window_snr_db=gate`` (unknown SNR: kept)."""
-    keep = ~(call.snr < gate)
+    return kept(call, ~(call.snr < gate))
+
+
+def kept(call: SimCall, keep: np.ndarray) -> SimCall:
+    """The call with only the windows where ``keep`` is true (a boolean mask over its windows)."""
     return replace(
         call,
         start=call.start[keep],
