@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CORE_PACKAGES = ("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank", "webrtcvad-wheels", "soxr")
+CORE_PACKAGES = ("vpmon", "numpy", "onnxruntime", "webrtcvad-wheels", "soxr")
 
 
 def environment(packages: Sequence[str] = CORE_PACKAGES) -> dict[str, Any]:

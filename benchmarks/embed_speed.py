@@ -208,7 +208,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **environment(("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank")),
+        **environment(("vpmon", "numpy", "onnxruntime")),
         "settings": {
             "window_seconds": WINDOW_SECONDS,
             "seconds_per_group": args.seconds,

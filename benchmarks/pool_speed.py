@@ -155,7 +155,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **environment(("vpmon", "numpy", "onnxruntime", "kaldi-native-fbank")),
+        **environment(("vpmon", "numpy", "onnxruntime")),
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "output"},
             "OPENBLAS_NUM_THREADS": os.environ["OPENBLAS_NUM_THREADS"],

@@ -23,7 +23,7 @@ FrontendKind = Literal["kaldi_fbank", "ge2e_mel"]
 class FrontendSpec:
     """How audio becomes the model's input features.
 
-    ``kaldi_fbank``: Kaldi-compatible log mel filterbank (kaldi-native-fbank), povey window,
+    ``kaldi_fbank``: Kaldi-compatible log mel filterbank (``verifier/features.py``), povey window,
     pre-emphasis 0.97, no dither, edges snipped, then per-window mean subtraction.
     ``ge2e_mel``: librosa-style power mel spectrogram, Slaney scale (Resemblyzer's front end).
     """
