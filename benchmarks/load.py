@@ -29,14 +29,18 @@ gateway keys calls by ``callSid``). Only the agent's track is sent (``<Stream tr
 both tracks would double the messages.
 
 **The generator** (``generator_main``): one asyncio loop, N websocket clients (``websockets``, no
-compression, no pings) with the ``X-Twilio-Signature`` Twilio would send. The first N calls connect
-spread over ``RAMP_SECONDS``; the first generation is cut at a random 50-100 % of its length, so calls
-end at different times from then on; an ended call (stop, then the server's close after its last
-verdicts) is replaced at once, keeping N calls live until the step ends, when every call sends stop. 20
-tickers, 1 ms apart, each wake every 20 ms on an absolute clock and send the next frame of each of their
-calls (a late tick catches up, so every call keeps real time on average). The generator measures
-itself: how late each tick woke (its loop's own lag: a saturated generator shows here, not as the
-gateway's fault) and how late the tick's last frame went out.
+compression, no pings) with the ``X-Twilio-Signature`` Twilio would send. Twilio's sending costs the
+gateway's machine nothing, so the generator keeps its own cost low: each script's ``media`` messages are
+framed as websocket frames once, before the timed part (``websockets.frames.Frame.serialize``, masked as a
+client must; instances of a script reuse its masks, which no server checks), and a tick writes a call's
+next frame to its socket's transport; the library frames ``connected``, ``start`` and ``stop``. The
+first N calls connect spread over ``RAMP_SECONDS``; the first generation is cut at a random 50-100 % of
+its length, so calls end at different times from then on; an ended call (stop, then the server's close
+after its last verdicts) is replaced at once, keeping N calls live until the step ends, when every call
+sends stop. 20 tickers, 1 ms apart, each wake every 20 ms on an absolute clock and send the next frame
+of each of their calls (a late tick catches up, so every call keeps real time on average). The
+generator measures itself: how late each tick woke (its loop's own lag: a saturated generator shows
+here, not as the gateway's fault) and how late the tick's last frame went out.
 
 **Per N** (``run_step``), after ``WARMUP_SECONDS`` and over ``--measure-seconds``: the gateway's and
 Redis' CPU (``/proc/<pid>/stat`` utime+stime, in cores; the gateway's is the sum over ``vpmon serve``
@@ -119,6 +123,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -283,6 +289,8 @@ def generator_main(plan: dict[str, Any], shared: Any, ready: Any, result_path: s
     ``shared[0]`` (CLOCK_MONOTONIC is the same in every process), run the calls, write the result."""
     with open(plan["scripts_path"], "rb") as f:
         framed = pickle.load(f)
+    for script in framed:
+        script["wire"] = [Frame(Opcode.TEXT, text.encode()).serialize(mask=True) for text in script["media"]]
     ready.set()
     while shared[0] == 0.0:
         time.sleep(0.01)
@@ -300,7 +308,7 @@ class LiveCall:
     frames: int  # frames to play
     start: str
     stop: str
-    media: list[str]
+    wire: list[bytes]  # the media messages as masked websocket frames
     sent: int = 0
     started_at: float = 0.0  # monotonic: frame 0 was due
     socket: Any = None
@@ -372,7 +380,7 @@ class Generator:
         start, stop = json.loads(framed["start"]), json.loads(framed["stop"])
         start["start"]["callSid"] = stop["stop"]["callSid"] = sid
         frames = max(1, int(len(framed["media"]) * cut))
-        call = LiveCall(sid, script, frames, json.dumps(start, separators=(",", ":")), "", framed["media"])
+        call = LiveCall(sid, script, frames, json.dumps(start, separators=(",", ":")), "", framed["wire"])
         record: dict[str, Any] = {"sid": sid, "script": script, "frames": 0, "close": None, "error": None}
         self.records.append(record)
         headers = {"X-Twilio-Signature": self.plan["signature"]}
@@ -420,12 +428,11 @@ class Generator:
             for call in list(calls):
                 if call.sent == 0:
                     call.started_at = due
-                try:
-                    await call.socket.send(call.media[call.sent])
-                except Exception:  # the server closed the call: call() records how
+                if call.socket.state is not State.OPEN:  # the server closed the call: call() records how
                     calls.remove(call)
                     call.done.set_result(None)
                     continue
+                call.socket.transport.write(call.wire[call.sent])
                 call.sent += 1
                 sent += 1
                 if call.sent >= call.frames:
@@ -679,7 +686,7 @@ def leaf(frames: list[str]) -> str:
     return frames[-1].rsplit(":", 1)[0] + ")" if frames else "(no Python frame)"
 
 
-def profile_summary(pid: int, everything: Path, gil: Path, top: int = 15) -> dict[str, Any]:
+def profile_summary(pid: int, everything: Path, gil: Path, top: int = 40) -> dict[str, Any]:
     """Of the process's main (event loop) thread: the share of samples in which it was not waiting for
     its sockets or timers (busy: running, or wanting to run), and the share in which it held the GIL;
     the GIL held by every other thread, by name; and the functions holding the GIL most."""
@@ -719,7 +726,7 @@ def profile_summary(pid: int, everything: Path, gil: Path, top: int = 15) -> dic
         "loop_functions_holding_gil": share(loop_functions),
         # with their callees; the loop's common trunk (runpy, uvicorn's run, …) left out
         "loop_functions_holding_gil_inclusive": share(
-            {f: n for f, n in inclusive.items() if n < 0.99 * max(inclusive.values(), default=0)}, 30
+            {f: n for f, n in inclusive.items() if n < 0.99 * max(inclusive.values(), default=0)}, 60
         ),
         "other_functions_holding_gil": share(other_functions),
     }

@@ -1,5 +1,6 @@
-"""The vpmon server: one FastAPI app on uvicorn (websockets' sans-I/O implementation for websockets),
-one port for the REST API and, as later issues add them, live call audio, alerts and the supervisor page.
+"""The vpmon server: one FastAPI app on uvicorn (websockets' sans-I/O implementation for websockets, with
+streamer/ws_protocol.py's extension for live audio), one port for the REST API and, as later issues add
+them, live call audio, alerts and the supervisor page.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from streamer.webhooks import WebhookWorker
 from streamer.webhooks_api import router as webhooks_router
 from streamer.whip import WhipSessions
 from streamer.whip import router as whip_router
+from streamer.ws_protocol import DirectReceiveProtocol
 from verifier.embedder import Embedder
 from verifier.errors import CalibrationError
 from verifier.models import provision
@@ -236,7 +238,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None, **uvic
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=DirectReceiveProtocol,  # websockets-sansio, plus streamer/ws_protocol.py's extension
         ws_max_size=1024 * 1024,  # the adapters refuse much less; this bounds what uvicorn buffers
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

@@ -120,6 +120,7 @@ def running_gateway(settings: Settings, log_file: Path) -> Iterator[uvicorn.Serv
     import uvicorn
 
     from streamer.app import create_app  # imports FastAPI and onnxruntime: only when the demo runs
+    from streamer.ws_protocol import DirectReceiveProtocol
 
     logging_config = log_config("info")
     logging_config["handlers"]["json"] = {
@@ -131,7 +132,7 @@ def running_gateway(settings: Settings, log_file: Path) -> Iterator[uvicorn.Serv
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=DirectReceiveProtocol,  # websockets-sansio, plus streamer/ws_protocol.py's extension
         log_config=logging_config,
         server_header=False,
     )

@@ -31,6 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,6 +62,7 @@ from streamer.redis_clients import REDIS_ERRORS
 from streamer.session import CallSession, CallState, Output
 from streamer.state import AppState
 from streamer.store import TENANT_RE, check_speaker
+from streamer.ws_protocol import EXTENSION as DIRECT_RECEIVE
 from verifier.errors import VpmonError
 from verifier.vad import SpeechWindow
 
@@ -71,6 +73,9 @@ CLOSE_MODEL_MISMATCH = 4009
 AUTH_FAILURE_DELAY_S = 0.5
 SIGNATURE_MEMORY_S = 20  # longer than a signature stays valid (max age 10 s + 3 s of clock skew)
 _WINDOW_QUEUE = 64  # windows waiting for embedding per call: ~3 minutes of speech at most
+# A message taken as it arrives may close a few windows (a 20 ms frame one; a native frame of seconds a
+# few): it is taken only while the call's window queue has room for them without waiting.
+_DIRECT_ROOM = _WINDOW_QUEUE - 8
 
 
 class CallTransport(Protocol):
@@ -126,25 +131,31 @@ class IdleWatch:
             self._expired = False
             assert self._task is not None
             self._task.uncancel()
-            self._heard()
+            self.heard()
             return None
         finally:
             self._receiving = False
-        self._heard()
+        self.heard()
         return message
 
     def expect_within(self, seconds: float) -> None:
         """A new limit, counted from now (AudioHook's close handshake: 10 s from our disconnect)."""
         if seconds != self.seconds:
             self.seconds = seconds
-            self._heard()
+            self.heard()
             self._timer.cancel()
             self._timer = self._loop.call_at(self._last + seconds, self._check)
 
     def stop(self) -> None:
         self._timer.cancel()
 
-    def _heard(self) -> None:
+    @property
+    def receiving(self) -> bool:
+        """Whether the task is waiting in ``receive`` (not handling a message)."""
+        return self._receiving
+
+    def heard(self) -> None:
+        """A message arrived (also one taken by ``receive_directly``)."""
         self._last = self._loop.time()
 
     def _check(self) -> None:
@@ -349,6 +360,7 @@ async def run_call(
     consumer: asyncio.Task[None] | None = None
     idle = state.settings.ws_idle_seconds
     watch = IdleWatch(idle)
+    direct = websocket.scope.get("extensions", {}).get(DIRECT_RECEIVE)  # streamer/ws_protocol.py
     try:
         while protocol.close_requested is None:
             # AudioHook ends with a handshake: after our disconnect the client has 10 s to close.
@@ -366,11 +378,16 @@ async def run_call(
                 protocol.connection_lost()
                 await handle_events(state, protocol, call)
                 return
-            if message.get("text") is not None:
-                protocol.receive_text(message["text"])
-            elif message.get("bytes") is not None:
-                protocol.receive_bytes(message["bytes"])
-            for event in protocol.events_received():
+            events = message.get(DIRECT_EVENTS)  # parsed by receive_directly
+            if events is None:
+                if message.get("text") is not None:
+                    protocol.receive_text(message["text"])
+                elif message.get("bytes") is not None:
+                    protocol.receive_bytes(message["bytes"])
+                events = protocol.events_received()
+            elif DIRECT_ERROR in message:
+                raise message[DIRECT_ERROR]
+            for event in events:
                 if isinstance(event, CallStarted):
                     if tenant is None:  # AudioHook with a failed key: the adapter has disconnected
                         continue
@@ -380,6 +397,8 @@ async def run_call(
                     call = await start_call(state, transport, protocol, tenant, name, event)
                     if call is not None:
                         consumer = asyncio.create_task(verdict_loop(state, call))
+                        if direct is not None:
+                            direct(partial(receive_directly, state, call, protocol, watch))
                 else:
                     await handle_event(state, call, event)
             await flush(transport, protocol, call)
@@ -400,11 +419,47 @@ async def run_call(
         protocol.connection_lost()
         await handle_events(state, protocol, call)
     finally:
+        if direct is not None:
+            direct(None)
         watch.stop()
         if slot is not None:
             slot.release()  # however the call ended; a second release counts nothing
         if call is not None:
             await end_call(state, call, consumer)
+
+
+DIRECT_EVENTS = "vpmon.events"  # in a message receive_directly hands on: its events, already parsed
+DIRECT_ERROR = "vpmon.error"  # and what handling them raised, for the call's task to raise
+
+
+def receive_directly(
+    state: AppState, call: LiveCall, protocol: CallProtocol, watch: IdleWatch, message: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A live call's message, taken as it arrives (streamer/ws_protocol.py) while the call's task waits
+    for one: audio goes to the session at once, and its windows to the embedder, which spares each frame
+    a task switch and the ASGI queue. Anything else (a control message, a close, a reply to send), and
+    everything while the task is busy, goes on to the task, which handles it as before."""
+    if not watch.receiving or protocol.close_requested is not None or call.windows.qsize() > _DIRECT_ROOM:
+        return message
+    if message.get("text") is not None:
+        protocol.receive_text(message["text"])
+    elif message.get("bytes") is not None:
+        protocol.receive_bytes(message["bytes"])
+    watch.heard()
+    events = protocol.events_received()
+    if (
+        protocol.close_requested is not None
+        or protocol.pending_output
+        or not all(isinstance(event, AudioChunk) for event in events)
+    ):
+        return {"type": "websocket.receive", DIRECT_EVENTS: events}
+    try:
+        for event in events:
+            for window in feed_audio(call, event):
+                call.windows.put_nowait(pending_window(state, call, window))
+    except Exception as exc:  # raised in the call's task, as if it had handled the frame
+        return {"type": "websocket.receive", DIRECT_EVENTS: [], DIRECT_ERROR: exc}
+    return None
 
 
 def admit(state: AppState, protocol: CallProtocol, tenant: str, limit_key: str) -> CallSlot | None:
@@ -433,13 +488,13 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
         return
     if call is None:
         return
+    if isinstance(event, AudioChunk):
+        for window in feed_audio(call, event):
+            await queue_window(state, call, window)
+        return
     session = call.session
     noisy_before = session.windows_too_noisy
-    if isinstance(event, AudioChunk):
-        call.frames_received.inc()
-        for window in session.feed(event):
-            await queue_window(state, call, window)
-    elif isinstance(event, AudioDiscarded):
+    if isinstance(event, AudioDiscarded):
         metrics.AUDIO_DROPPED.labels(session.protocol).inc(event.seconds)
         for window in session.gap(event.seconds):
             await queue_window(state, call, window)
@@ -450,11 +505,30 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
             await queue_window(state, call, window)
     elif isinstance(event, CallPaused | CallResumed):
         pass  # no audio arrives while paused; the media clock does not run
-    if session.windows_too_noisy != noisy_before:
-        metrics.WINDOWS_TOO_NOISY.labels(session.protocol).inc(session.windows_too_noisy - noisy_before)
+    count_too_noisy(session, noisy_before)
+
+
+def feed_audio(call: LiveCall, chunk: AudioChunk) -> list[SpeechWindow]:
+    """A chunk of the call's audio into its session → the speech windows it closed."""
+    call.frames_received.inc()
+    audio = call.session.audio  # per frame: its own counter, not the session's total (a property)
+    noisy_before = audio.windows_too_noisy if audio is not None else 0
+    windows = call.session.feed(chunk)
+    if audio is not None and audio.windows_too_noisy != noisy_before:
+        metrics.WINDOWS_TOO_NOISY.labels(call.session.protocol).inc(audio.windows_too_noisy - noisy_before)
+    return windows
+
+
+def count_too_noisy(session: CallSession, before: int) -> None:
+    if session.windows_too_noisy != before:
+        metrics.WINDOWS_TOO_NOISY.labels(session.protocol).inc(session.windows_too_noisy - before)
 
 
 async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) -> None:
+    await call.windows.put(pending_window(state, call, window))
+
+
+def pending_window(state: AppState, call: LiveCall, window: SpeechWindow) -> PendingWindow:
     # The task queues the window for the embedding pool at once; the verdict loop awaits tasks in order.
     # A call verified with confidence (its last verdict) may spare windows when the pool is behind.
     ended_at = time.monotonic()
@@ -464,7 +538,7 @@ async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) ->
     task = asyncio.create_task(
         state.embeddings.embed(window.samples, ended_at, sheddable=sheddable, sequence=sequence)
     )
-    await call.windows.put(PendingWindow(window, task, ended_at))
+    return PendingWindow(window, task, ended_at)
 
 
 async def verdict_loop(state: AppState, call: LiveCall) -> None:

@@ -29,6 +29,7 @@ from streamer.stream_client import (
     stream_url,
 )
 from tests.server_fixtures import RunningServer
+from tests.test_redis_server import wait_for
 from verifier.audio import encode_mulaw, read_audio, resample, to_pcm16
 
 ENROL = 6  # utterances for enrolment; the rest of the speaker's utterances make calls
@@ -293,6 +294,38 @@ def test_bad_input_ends_only_its_own_call(vpmon_server: RunningServer, enrolled:
                 connect(ws_url(vpmon_server, "/v1/streams/native"), additional_headers=headers).__aenter__()
             )
         assert refused.value.response.status_code == 401
+
+
+def test_a_bad_frame_mid_call_ends_it_after_the_audio_before_it(
+    vpmon_server: RunningServer, enrolled: dict, calls: dict
+) -> None:
+    """A live call's audio frames are taken as they arrive (streamer/ws_protocol.py); a bad frame among
+    them still closes the call the protocol's way, and the audio before it is scored."""
+    monitor = enrolled["monitor"]
+
+    async def scenario() -> websockets.frames.Close | None:
+        headers = {"Authorization": f"Bearer {monitor}"}
+        async with connect(ws_url(vpmon_server, "/v1/streams/native"), additional_headers=headers) as ws:
+            start = {"type": "start", "call_id": "native-bad-frame", "agent_id": "agent-ca"}
+            await ws.send(json.dumps({**start, "encoding": "pcm16", "sample_rate": 8000, "channels": 1}))
+            pcm = to_pcm16(calls["genuine"]).tobytes()
+            for offset in range(0, len(pcm), 320):
+                await ws.send(pcm[offset : offset + 320])
+            await ws.send(b"\x00\x01\x02")  # 3 bytes: not a whole number of 16-bit samples
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await ws.recv()
+            return ws.protocol.close_rcvd
+
+    close = asyncio.run(scenario())
+    assert close is not None and close.code == 1003 and "whole number" in close.reason, close
+
+    def listed() -> dict:
+        with vpmon_server.client(monitor) as client:
+            return {call["call_id"]: call for call in client.get("/v1/calls").json()}["native-bad-frame"]
+
+    wait_for(lambda: listed()["state"] == "ended", "the call to end (after the verdicts of its windows)")
+    assert listed()["net_speech_seconds"] >= 3.0, listed()  # windows of the audio before the bad frame
 
 
 def test_agent_bound_through_the_api_before_the_stream(

@@ -45,8 +45,8 @@ def kaldi_fbank(samples: np.ndarray, spec: FrontendSpec, sample_rate: int = 1600
     mel filters (1127 ln(1 + f/700)) from 20 Hz to Nyquist, the log floored at FLT_EPSILON.
 
     Written with numpy on whole windows (kaldi-native-fbank, frame by frame in float32, is the parity
-    reference in tests/test_features.py): 3.4× faster on 3 s, and its FFT runs without the GIL, which the
-    embedding threads share with the event loop.
+    reference in tests/test_features.py): about 3× faster on a 3 s window (1.1 against 3.5 ms here), a
+    tenth of the INT8 model's time per window in the gateway's embedding threads.
     """
     frame_length = round(sample_rate * spec.frame_length_ms / 1000)
     frame_shift = round(sample_rate * spec.frame_shift_ms / 1000)

@@ -95,6 +95,10 @@ class AdapterBase:
         data, self._outgoing = self._outgoing, []
         return data
 
+    @property
+    def pending_output(self) -> bool:
+        return bool(self._outgoing)
+
     def connection_lost(self) -> None:
         self._lost = True
         if self.phase is Phase.LIVE:
