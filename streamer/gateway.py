@@ -441,23 +441,23 @@ def receive_directly(
     everything while the task is busy, goes on to the task, which handles it as before."""
     if not watch.receiving or protocol.close_requested is not None or call.windows.qsize() > _DIRECT_ROOM:
         return message
-    if message.get("text") is not None:
-        protocol.receive_text(message["text"])
-    elif message.get("bytes") is not None:
-        protocol.receive_bytes(message["bytes"])
-    watch.heard()
-    events = protocol.events_received()
-    if (
-        protocol.close_requested is not None
-        or protocol.pending_output
-        or not all(isinstance(event, AudioChunk) for event in events)
-    ):
-        return {"type": "websocket.receive", DIRECT_EVENTS: events}
     try:
+        if message.get("text") is not None:
+            protocol.receive_text(message["text"])
+        elif message.get("bytes") is not None:
+            protocol.receive_bytes(message["bytes"])
+        watch.heard()
+        events = protocol.events_received()
+        if (
+            protocol.close_requested is not None
+            or protocol.pending_output
+            or not all(isinstance(event, AudioChunk) for event in events)
+        ):
+            return {"type": "websocket.receive", DIRECT_EVENTS: events}
         for event in events:
             for window in feed_audio(call, event):
                 call.windows.put_nowait(pending_window(state, call, window))
-    except Exception as exc:  # raised in the call's task, as if it had handled the frame
+    except Exception as exc:  # raised in the call's task, as if it had handled the message itself
         return {"type": "websocket.receive", DIRECT_EVENTS: [], DIRECT_ERROR: exc}
     return None
 

@@ -1,13 +1,13 @@
 """uvicorn's websockets (sans-I/O) protocol with one ASGI extension: ``vpmon.direct_receive``.
 
 Through ASGI, every websocket message is a dict put on the connection's queue, then a task wake-up and a
-walk back up the app's coroutines (``receive`` → Starlette → uvicorn → ``asyncio.Queue.get``): on a 20 ms
-audio frame that costs more than the frame's own work. With the extension, the app may register a
-synchronous receiver for the connection; each complete message is offered to it as it is parsed (in
-``data_received``), while nothing is waiting in the queue ahead of it. The receiver handles the message
-and returns None, or returns a message for the app's ``receive`` to take as usual (the same message, if it
-cannot take it now, or one of its own). Messages stay in order: a message is offered only while the
-queue is empty, and the receiver itself declines while the app is busy with an earlier one.
+walk back up the app's coroutines (``receive`` → Starlette → uvicorn → ``asyncio.Queue.get``): for a 20 ms
+audio frame, a large share of the event loop's work (README, "Live calls under load"). With the extension,
+the app may register a synchronous receiver for the connection; each complete message is offered to it as it
+is parsed (in ``data_received``), while nothing is waiting in the queue ahead of it. The receiver handles
+the message and returns None, or returns a message for the app's ``receive`` to take as usual (the same
+message, if it cannot take it now, or one of its own). Messages stay in order: a message is offered only
+while the queue is empty, and the receiver itself declines while the app is busy with an earlier one.
 
 ``streamer/gateway.py`` registers a receiver for a live call's audio frames. Servers without the
 extension (another ASGI server, uvicorn's own protocol classes) serve the same app without it.
