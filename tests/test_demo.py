@@ -106,6 +106,13 @@ def test_demo_exit_runs_the_story_and_leaves_nothing_running(telephone_devset: P
     assert time.monotonic() - began < 120, "the scripted part must take under two minutes"
 
 
+def sigint_at_its_default() -> None:
+    """In the demo's process before it starts: Ctrl-C in a terminal reaches a foreground program whose
+    SIGINT is at its default. A test run started in the background has SIGINT ignored, which children
+    inherit and Python then leaves ignored: the demo would never hear the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_serves_until_ctrl_c(telephone_devset: Path, tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with log.open("w") as sink:
@@ -116,6 +123,7 @@ def test_demo_serves_until_ctrl_c(telephone_devset: Path, tmp_path: Path) -> Non
             text=True,
             cwd=REPO,
             env=env(),
+            preexec_fn=sigint_at_its_default,
         )
         try:
             deadline = time.monotonic() + TIMEOUT_S
