@@ -95,7 +95,7 @@ from takeover import (  # noqa: E402
     with_means,
 )
 
-from streamer.embedding import CONFIDENT_LLR_MARGIN  # noqa: E402
+from streamer.embedding import CONFIDENT_LLR_MARGIN, verified_with_confidence  # noqa: E402
 from verifier.audio import encode_mulaw  # noqa: E402
 from verifier.calibration import Calibration, packaged_calibration  # noqa: E402
 from verifier.decision import CallDecision, State, WindowVerdict  # noqa: E402
@@ -225,13 +225,8 @@ def window_llr_percentiles(split: Split, embeddings: list[np.ndarray], screen: M
 
 # --- one call under one variant ------------------------------------------------------------------------
 def confident(state: State, verdict: WindowVerdict | None, impostor_evidence: float) -> bool:
-    """``streamer.embedding.may_shed`` on the call's state after its last scored window."""
-    return (
-        state is State.VERIFIED
-        and verdict is not None
-        and verdict.llr >= POLICY.match_llr + CONFIDENT_LLR_MARGIN
-        and impostor_evidence == 0.0
-    )
+    """``streamer.embedding.may_shed``'s test on the call's state after its last scored window."""
+    return verified_with_confidence(state is State.VERIFIED, verdict, impostor_evidence, POLICY)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from streamer import metrics
 from streamer.embedding_queue import EmbeddingQueue, Shed, ShedPolicy
 from streamer.session import CallSession, CallState
 from streamer.settings import Settings
+from verifier.decision import DecisionPolicy, WindowVerdict
 from verifier.embedder import Embedder
 from verifier.errors import VpmonError
 from verifier.models.provision import ensure_model
@@ -37,11 +38,22 @@ CONFIDENT_LLR_MARGIN = 2.0
 def may_shed(session: CallSession) -> bool:
     """Whether the call's next windows may be thinned or dropped when the model is behind."""
     verdict = session.last_verdict
+    impostor_evidence = 0.0 if verdict is None else verdict.impostor_evidence
+    return verified_with_confidence(
+        session.state is CallState.VERIFIED, verdict, impostor_evidence, session.policy
+    )
+
+
+def verified_with_confidence(
+    verified: bool, verdict: WindowVerdict | None, impostor_evidence: float, policy: DecisionPolicy
+) -> bool:
+    """A verified call whose last verdict's evidence is ``CONFIDENT_LLR_MARGIN`` above the match LLR, with
+    no impostor evidence at all (``may_shed``; ``benchmarks/levers.py`` measures cadence levers by it)."""
     return (
-        session.state is CallState.VERIFIED
+        verified
         and verdict is not None
-        and verdict.llr >= session.policy.match_llr + CONFIDENT_LLR_MARGIN
-        and verdict.impostor_evidence == 0.0
+        and verdict.llr >= policy.match_llr + CONFIDENT_LLR_MARGIN
+        and impostor_evidence == 0.0
     )
 
 

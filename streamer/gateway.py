@@ -380,10 +380,7 @@ async def run_call(
                 return
             events = message.get(DIRECT_EVENTS)  # parsed by receive_directly
             if events is None:
-                if message.get("text") is not None:
-                    protocol.receive_text(message["text"])
-                elif message.get("bytes") is not None:
-                    protocol.receive_bytes(message["bytes"])
+                parse(protocol, message)
                 events = protocol.events_received()
             elif DIRECT_ERROR in message:
                 raise message[DIRECT_ERROR]
@@ -442,10 +439,7 @@ def receive_directly(
     if not watch.receiving or protocol.close_requested is not None or call.windows.qsize() > _DIRECT_ROOM:
         return message
     try:
-        if message.get("text") is not None:
-            protocol.receive_text(message["text"])
-        elif message.get("bytes") is not None:
-            protocol.receive_bytes(message["bytes"])
+        parse(protocol, message)
         watch.heard()
         events = protocol.events_received()
         if (
@@ -460,6 +454,14 @@ def receive_directly(
     except Exception as exc:  # raised in the call's task, as if it had handled the message itself
         return {"type": "websocket.receive", DIRECT_EVENTS: [], DIRECT_ERROR: exc}
     return None
+
+
+def parse(protocol: CallProtocol, message: dict[str, Any]) -> None:
+    """A websocket message (ASGI ``websocket.receive``) into the protocol's adapter."""
+    if message.get("text") is not None:
+        protocol.receive_text(message["text"])
+    elif message.get("bytes") is not None:
+        protocol.receive_bytes(message["bytes"])
 
 
 def admit(state: AppState, protocol: CallProtocol, tenant: str, limit_key: str) -> CallSlot | None:
@@ -505,23 +507,24 @@ async def handle_event(state: AppState, call: LiveCall | None, event: Any) -> No
             await queue_window(state, call, window)
     elif isinstance(event, CallPaused | CallResumed):
         pass  # no audio arrives while paused; the media clock does not run
-    count_too_noisy(session, noisy_before)
+    count_too_noisy(session.protocol, noisy_before, session.windows_too_noisy)
 
 
 def feed_audio(call: LiveCall, chunk: AudioChunk) -> list[SpeechWindow]:
     """A chunk of the call's audio into its session → the speech windows it closed."""
     call.frames_received.inc()
     audio = call.session.audio  # per frame: its own counter, not the session's total (a property)
-    noisy_before = audio.windows_too_noisy if audio is not None else 0
+    if audio is None:
+        return call.session.feed(chunk)
+    noisy_before = audio.windows_too_noisy
     windows = call.session.feed(chunk)
-    if audio is not None and audio.windows_too_noisy != noisy_before:
-        metrics.WINDOWS_TOO_NOISY.labels(call.session.protocol).inc(audio.windows_too_noisy - noisy_before)
+    count_too_noisy(call.session.protocol, noisy_before, audio.windows_too_noisy)
     return windows
 
 
-def count_too_noisy(session: CallSession, before: int) -> None:
-    if session.windows_too_noisy != before:
-        metrics.WINDOWS_TOO_NOISY.labels(session.protocol).inc(session.windows_too_noisy - before)
+def count_too_noisy(protocol: str, before: int, after: int) -> None:
+    if after != before:
+        metrics.WINDOWS_TOO_NOISY.labels(protocol).inc(after - before)
 
 
 async def queue_window(state: AppState, call: LiveCall, window: SpeechWindow) -> None:
